@@ -1,0 +1,121 @@
+"""The MSN criterion (DESIGN.md section 1). Knows tensors and process groups, nothing else."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distributed import all_reduce_mean, all_reduce_sum_, world_size
+
+
+def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
+    """``p_k^(1/T) / sum_j p_j^(1/T)``."""
+    return sharpen_log(torch.log(p), T)
+
+
+def sharpen_log(log_p: torch.Tensor, T: float) -> torch.Tensor:
+    """:func:`sharpen` from ``log p``: computed in log space, so small ``T`` cannot underflow."""
+    return torch.softmax(log_p / T, dim=1)
+
+
+@torch.no_grad()
+def sinkhorn(Q: torch.Tensor, num_iters: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp over the global batch: rows ``[B, K]`` become assignments whose
+    prototype marginals approach uniform. Sums over prototypes' columns are all-reduced, so
+    every process sees the global batch (equal batch sizes per process assumed)."""
+    Q = Q.t().clone()  # [K, B]
+    num_proto, batch = Q.shape[0], Q.shape[1] * world_size()
+    Q /= all_reduce_sum_(Q.sum())
+    for _ in range(num_iters):
+        Q /= all_reduce_sum_(Q.sum(dim=1, keepdim=True))
+        Q /= num_proto
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= batch
+    Q *= batch
+    return Q.t()
+
+
+def entropy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    return -(p * log_p).sum(dim=-1)
+
+
+class MSNLoss(nn.Module):
+    """``loss, stats = crit(anchor_z, target_z, prototypes, sharpen_T)``.
+
+    ``anchor_z``: ``[M*B, d]``, view-major (all images' view 1, then view 2, ...);
+    ``target_z``: ``[B, d]``; ``prototypes``: ``[K, d]``.
+
+    loss = mean_anchors H(p+, p) + me_max_weight * (log K - H(p_bar)) + entropy_weight * mean H(p)
+
+    ``p_bar`` (me-max) and the Sinkhorn sums are global across processes. ``stats`` holds
+    detached tensors: ``ce``, ``me_max``, ``ent`` (this process's values; ``me_max`` is
+    global), ``np`` (distinct target argmaxes over the global batch), ``max_t`` (mean of the
+    largest target probability, this process).
+    """
+
+    def __init__(self, temperature: float = 0.1, me_max_weight: float = 1.0,
+                 entropy_weight: float = 0.0, use_sinkhorn: bool = True,
+                 label_smoothing: float = 0.0, sinkhorn_iters: int = 3):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.temperature = temperature
+        self.me_max_weight = me_max_weight
+        self.entropy_weight = entropy_weight
+        self.use_sinkhorn = use_sinkhorn
+        self.label_smoothing = label_smoothing
+        self.sinkhorn_iters = sinkhorn_iters
+
+    def soft_nn(self, z: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft nearest neighbours against one-hot (optionally smoothed) prototype labels.
+
+        Returns ``p`` and ``log p``. With smoothing eps, ``softmax @ L`` equals
+        ``(1 - eps) * softmax + eps / K`` exactly.
+        """
+        logits = F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).t() / self.temperature
+        if self.label_smoothing == 0.0:
+            log_p = torch.log_softmax(logits, dim=1)
+            return log_p.exp(), log_p
+        eps, num_proto = self.label_smoothing, prototypes.shape[0]
+        p = (1.0 - eps) * torch.softmax(logits, dim=1) + eps / num_proto
+        return p, torch.log(p)
+
+    def forward(self, anchor_z: torch.Tensor, target_z: torch.Tensor,
+                prototypes: torch.Tensor, sharpen_T: float = 0.25):
+        batch = target_z.shape[0]
+        if anchor_z.shape[0] % batch != 0:
+            raise ValueError(f"anchor rows ({anchor_z.shape[0]}) must be a multiple of target "
+                             f"rows ({batch})")
+        num_views = anchor_z.shape[0] // batch
+        anchor_z, target_z, prototypes = anchor_z.float(), target_z.float(), prototypes.float()
+
+        probs, log_probs = self.soft_nn(anchor_z, prototypes)
+        with torch.no_grad():
+            targets = sharpen_log(self.soft_nn(target_z, prototypes)[1], sharpen_T)
+            if self.use_sinkhorn:
+                targets = sinkhorn(targets, self.sinkhorn_iters)
+
+        ce = -(targets.repeat(num_views, 1) * log_probs).sum(dim=1).mean()
+
+        avg_probs = all_reduce_mean(probs.mean(dim=0))
+        me_max = math.log(prototypes.shape[0]) - entropy(avg_probs, torch.log(avg_probs))
+        ent = entropy(probs, log_probs).mean()
+
+        loss = ce
+        if self.me_max_weight:
+            loss = loss + self.me_max_weight * me_max
+        if self.entropy_weight:
+            loss = loss + self.entropy_weight * ent
+
+        with torch.no_grad():
+            hits = torch.bincount(targets.argmax(dim=1), minlength=prototypes.shape[0])
+            stats = {
+                "ce": ce.detach(),
+                "me_max": me_max.detach(),
+                "ent": ent.detach(),
+                "np": (all_reduce_sum_(hits) > 0).sum().float(),
+                "max_t": targets.max(dim=1).values.mean(),
+            }
+        return loss, stats

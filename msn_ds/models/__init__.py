@@ -1,0 +1,7 @@
+from .head import MSNModel, ProjectionHead, init_prototypes
+from .vit import (ARCHS, REFERENCE_NAMES, ArchSpec, MSNEncoder, build_vit, group_views,
+                  keep_indices, resample_pos_embed, resolve_arch)
+
+__all__ = ["ARCHS", "REFERENCE_NAMES", "ArchSpec", "MSNEncoder", "MSNModel", "ProjectionHead",
+           "build_vit", "group_views", "init_prototypes", "keep_indices", "resample_pos_embed",
+           "resolve_arch"]

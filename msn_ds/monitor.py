@@ -1,0 +1,100 @@
+"""Console progress and TensorBoard scalars (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+
+from . import distributed as D
+
+log = logging.getLogger("msn_ds")
+
+
+def setup_logging() -> None:
+    level = logging.INFO if D.rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Monitor:
+    """Averages step statistics over the log interval and across processes, then prints a
+    progress line and writes TensorBoard scalars. Statistics stay on the device between log
+    intervals, so the step never waits on the host for them."""
+
+    def __init__(self, folder: str, total_steps: int, global_batch: int, log_every: int,
+                 tensorboard: bool = True):
+        self.total_steps, self.global_batch, self.log_every = total_steps, global_batch, log_every
+        self.writer = None
+        self.metrics_path = os.path.join(folder, "metrics.jsonl")
+        if tensorboard and D.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=os.path.join(folder, "tb"))
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._t0 = time.perf_counter()
+        self._start = self._t0
+        self._steps_since = 0
+        self.history: list[dict[str, float]] = []
+
+    def update(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            v = v.detach().float().reshape(())
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+            self._counts[k] = self._counts.get(k, 0) + 1
+        self._steps_since += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def log(self, step: int, epoch: int, hparams: dict[str, float],
+            extra: Optional[dict[str, float]] = None) -> dict[str, float]:
+        """``step`` is the number of steps done. Returns the averaged scalars."""
+        keys = sorted(self._sums)
+        vec = torch.stack([self._sums[k] / self._counts[k] for k in keys])
+        if D.world_size() > 1:
+            vec = vec.to(torch.float64)
+            D.all_reduce_sum_(vec)
+            vec /= D.world_size()
+        scalars = dict(zip(keys, vec.tolist()))
+        scalars.update(hparams)
+        scalars.update(extra or {})
+        now = time.perf_counter()
+        dt = now - self._t0
+        scalars["img_per_s"] = self._steps_since * self.global_batch / max(dt, 1e-9)
+        eta = (self.total_steps - step) * dt / max(1, self._steps_since)
+        self.history.append({"step": step, **scalars})
+        if D.is_main():
+            os.makedirs(os.path.dirname(self.metrics_path), exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
+            log.info("[ep %d step %d/%d] loss %.4f (ce %.4f me_max %.4f ent %.4f) np %d max_t "
+                     "%.3f | lr %.2e wd %.3f m %.5f T %.3f%s | %.1f img/s ETA %s",
+                     epoch + 1, step, self.total_steps, scalars.get("loss", float("nan")),
+                     scalars.get("ce", 0), scalars.get("me_max", 0), scalars.get("ent", 0),
+                     round(scalars.get("np", 0)), scalars.get("max_t", 0), hparams["lr"],
+                     hparams["wd"], hparams["momentum"], hparams["T"],
+                     f" gnorm {scalars['grad_norm']:.3f}" if "grad_norm" in scalars else "",
+                     scalars["img_per_s"], _fmt_eta(eta))
+            if self.writer is not None:
+                for k, v in scalars.items():
+                    group = "train" if k in ("loss", "ce", "me_max", "ent", "np", "max_t",
+                                             "grad_norm") else "hparams" if k in hparams else "perf"
+                    self.writer.add_scalar(f"{group}/{k}", v, step)
+                self.writer.flush()
+        self._sums, self._counts, self._steps_since, self._t0 = {}, {}, 0, now
+        return scalars
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

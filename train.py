@@ -1,0 +1,138 @@
+"""MSN pretraining: parse config -> build -> loop.
+
+    python train.py --config C --deepspeed_config D [section.key=value ...]
+    torchrun --nproc_per_node N train.py --config C --deepspeed_config D ...
+    deepspeed train.py --deepspeed_config D --config C ...
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from msn_ds import distributed as D
+from msn_ds.checkpoint import encoder_metadata, save_weights
+from msn_ds.config import ConfigError, dump, load_config, train_folder
+from msn_ds.data import GlobalBatchSampler, MultiCropTransform, MultiViewImageFolder, collate_views
+from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
+                           init_deepspeed, read_ds_config, resolve_ds_config)
+from msn_ds.monitor import Monitor, setup_logging
+
+log = logging.getLogger("msn_ds")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment YAML (reference keys accepted)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True,
+                   help="DeepSpeed JSON (ds_configs/)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop at this global step (schedules still follow the epochs)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_args(argv)
+
+
+def build_loader(cfg: dict):
+    data = cfg["data"]
+    transform = MultiCropTransform(
+        rand_size=data["rand_size"], focal_size=data["focal_size"], rand_views=data["rand_views"],
+        focal_views=data["focal_views"], color_jitter=data["color_jitter_strength"],
+        rand_scale=data["rand_scale"], focal_scale=data["focal_scale"])
+    dataset = MultiViewImageFolder(train_folder(cfg), transform, seed=cfg["meta"]["seed"])
+    sampler = GlobalBatchSampler(len(dataset), cfg["criterion"]["batch_size"], D.world_size(),
+                                 D.rank(), seed=cfg["meta"]["seed"])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg["criterion"]["batch_size"], sampler=sampler,
+        num_workers=data["num_workers"], pin_memory=data["pin_mem"] and torch.cuda.is_available(),
+        collate_fn=collate_views, drop_last=True, persistent_workers=data["num_workers"] > 0)
+    return dataset, sampler, loader
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    D.setup_env()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds_config = resolve_ds_config(read_ds_config(args.deepspeed_config), cfg,
+                                      int(os.environ["WORLD_SIZE"]), args.deepspeed_config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    setup_logging()
+    folder = cfg["logging"]["folder"]
+    os.makedirs(folder, exist_ok=True)
+    if D.is_main():
+        with open(os.path.join(folder, f"{cfg['logging']['write_tag']}-config.yaml"), "w") as f:
+            f.write(dump(cfg))
+
+    dataset, sampler, loader = build_loader(cfg)
+    model, target = build_models(cfg)
+    engine = init_deepspeed(model, ds_config)
+    target.to(engine.device)
+    schedules = build_schedules(cfg, sampler.batches_per_epoch)
+    trainer = MSNTrainer(engine, target, build_criterion(cfg), schedules, cfg)
+
+    total = schedules.total_steps if args.max_steps is None else min(args.max_steps,
+                                                                     schedules.total_steps)
+    global_batch = cfg["criterion"]["batch_size"] * D.world_size()
+    monitor = Monitor(folder, total, global_batch, cfg["logging"]["log_every"],
+                      tensorboard=cfg["logging"]["tensorboard"])
+    log.info("%s: %d images, %d steps/epoch, global batch %d on %d processes, %d steps",
+             cfg["meta"]["model_name"], len(dataset), sampler.batches_per_epoch, global_batch,
+             D.world_size(), total)
+
+    step, epoch = 0, 0
+    while step < total:
+        epoch = step // sampler.batches_per_epoch
+        sampler.set_epoch(epoch, start_batch=step % sampler.batches_per_epoch)
+        for views, _ in loader:
+            out = trainer.step(views, step, want_grad_norm=monitor.due(step + 1))
+            step += 1
+            monitor.update(dict(out.stats, loss=out.loss, skipped=torch.tensor(float(out.skipped))))
+            if monitor.due(step):
+                monitor.log(step, epoch, out.sched)
+            if step >= total:
+                break
+        check_bad_images(dataset, cfg)
+
+    save_run(engine, trainer, cfg, step, epoch)
+    monitor.close()
+    D.cleanup()
+    return 0
+
+
+def check_bad_images(dataset: MultiViewImageFolder, cfg: dict) -> None:
+    limit = cfg["data"]["max_bad_fraction"] * len(dataset)
+    if dataset.bad_images:
+        log.warning("%d unreadable images skipped so far", dataset.bad_images)
+    if dataset.bad_images > limit:
+        raise RuntimeError(f"{dataset.bad_images} unreadable images in {dataset.root} exceed "
+                           f"data.max_bad_fraction={cfg['data']['max_bad_fraction']}")
+
+
+def save_run(engine, trainer: MSNTrainer, cfg: dict, step: int, epoch: int) -> None:
+    """DeepSpeed checkpoint (every process) and the target encoder's weights file (rank 0)."""
+    folder = cfg["logging"]["folder"]
+    client_state = {"step": step, "epoch": epoch, "config": dump(cfg),
+                    "target_encoder": trainer.target.state_dict()}
+    engine.save_checkpoint(folder, tag=f"global_step{step}", client_state=client_state)
+    if D.is_main():
+        meta = encoder_metadata(trainer.model.encoder, cfg["data"]["rand_size"],
+                                cfg["meta"]["hidden_dim"], cfg["meta"]["output_dim"],
+                                cfg["meta"]["use_bn"])
+        meta.update(step=str(step), epoch=str(epoch), config=dump(cfg))
+        path = os.path.join(folder, f"{cfg['logging']['write_tag']}-target.safetensors")
+        save_weights(path, trainer.target, trainer.model.prototypes, meta)
+        log.info("saved DeepSpeed checkpoint global_step%d and %s", step, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
