@@ -89,7 +89,9 @@ class MSNLoss(nn.Module):
             raise ValueError(f"anchor rows ({anchor_z.shape[0]}) must be a multiple of target "
                              f"rows ({batch})")
         num_views = anchor_z.shape[0] // batch
-        anchor_z, target_z, prototypes = anchor_z.float(), target_z.float(), prototypes.float()
+        # Half-precision inputs are promoted to fp32; float64 stays (finite-difference tests).
+        dtype = torch.promote_types(anchor_z.dtype, torch.float32)
+        anchor_z, target_z, prototypes = anchor_z.to(dtype), target_z.to(dtype), prototypes.to(dtype)
 
         probs, log_probs = self.soft_nn(anchor_z, prototypes)
         with torch.no_grad():

@@ -1,0 +1,122 @@
+"""Encoders: shapes for every architecture, token dropping, view grouping, position
+embedding resampling as in the reference, parameter groups."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from msn_ds.models import ARCHS, REFERENCE_NAMES, MSNEncoder, MSNModel, resolve_arch
+from msn_ds.models.vit import resample_pos_embed
+
+EMBED = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280}
+
+
+@pytest.mark.parametrize("arch", ARCHS + tuple(REFERENCE_NAMES))
+def test_every_encoder_shape_on_meta(arch):
+    """Full-size models on the meta device: shapes without memory or compute."""
+    spec = resolve_arch(arch)
+    with torch.device("meta"):
+        enc = MSNEncoder(arch, img_size=224, hidden_dim=2048, output_dim=256)
+        views = [torch.empty(2, 3, 224, 224), torch.empty(2, 3, 96, 96), torch.empty(2, 3, 96, 96)]
+        h, z = enc(views, mask_ratio=0.3, return_before_head=True)
+    assert h.shape == (6, spec.embed_dim) and z.shape == (6, 256)
+    assert spec.embed_dim == EMBED[spec.name.split("_")[1]]
+    assert enc.backbone.blocks[0].attn.qkv.bias is not None
+    assert enc.backbone.norm.eps == 1e-6
+
+
+def test_reference_names_resolve():
+    assert resolve_arch("deit_small") == resolve_arch("vit_small_16")
+    assert resolve_arch("deit_large_p7").patch_size == 7
+    assert resolve_arch("deit_base_p4").patch_size == 4
+    with pytest.raises(ValueError, match="unknown model_name 'resnet50'"):
+        resolve_arch("resnet50")
+
+
+@pytest.mark.parametrize("size,patch,ratio,per_sample", [
+    (224, 16, 0.15, False), (224, 16, 0.3, True), (224, 7, 0.7, False), (96, 7, 0.0, False),
+    (32, 4, 0.5, True)])
+def test_token_counts_after_masking(size, patch, ratio, per_sample):
+    enc = MSNEncoder(f"vit_pico_{patch}", img_size=224, hidden_dim=32, output_dim=16)
+    n = (size // patch) ** 2  # floor: 96 px at patch 7 is 13 x 13
+    tokens = enc.tokens(torch.randn(3, 3, size, size), mask_ratio=ratio, per_sample_mask=per_sample)
+    assert tokens.shape == (3, 1 + math.floor(n * (1 - ratio)), 128)
+
+
+def test_mask_shared_or_per_sample():
+    enc = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).eval()
+    x = torch.randn(1, 3, 32, 32).expand(4, -1, -1, -1).contiguous()  # four equal images
+    shared = enc.tokens(x, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    per = enc.tokens(x, mask_ratio=0.5, per_sample_mask=True, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(shared[0], shared[3])  # one permutation for the batch
+    assert not torch.allclose(per[0], per[3])  # a different one per sample
+    again = enc.tokens(x, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shared, again)  # the generator fixes the mask
+
+
+def test_dropped_tokens_are_the_unmasked_subset():
+    """Masking equals running the blocks on the kept tokens of the unmasked sequence."""
+    enc = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = torch.Generator().manual_seed(1)
+    from msn_ds.models import keep_indices
+    idx = keep_indices(64, 0.25, 2, False, torch.Generator().manual_seed(1), x.device) + 1
+    masked = enc.tokens(x, mask_ratio=0.25, generator=g)
+    vit = enc.backbone
+    full = vit.patch_embed(x)
+    full = torch.cat([vit.cls_token.expand(2, -1, -1), full], 1) + vit.pos_embed
+    kept = torch.cat([full[:, :1], full[:, idx]], 1)
+    want = vit.norm(vit.blocks(kept))
+    torch.testing.assert_close(masked, want, atol=1e-5, rtol=1e-5)
+
+
+def test_views_grouped_by_size_view_major():
+    enc = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).eval()
+    views = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+    z = enc(views)
+    each = torch.cat([enc(v) for v in views])
+    torch.testing.assert_close(z, each, atol=1e-5, rtol=1e-5)
+    # consecutive equal sizes run as one batch: masking applies to the first group only
+    z_masked = enc(views, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z_masked[6:], each[6:], atol=1e-5, rtol=1e-5)
+    assert (z_masked[:6] - each[:6]).abs().max() > 0.05 * each[:6].abs().max()
+
+
+def test_pos_embed_resampling_matches_reference_formula():
+    """The reference interpolates with ``scale_factor=sqrt(N'/N)``, bicubic, no antialias."""
+    pos = torch.randn(1, 1 + 14 * 14, 8)
+    for side in (6, 13, 32):
+        got = resample_pos_embed(pos, (side, side))
+        patch = pos[:, 1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+        ref = F.interpolate(patch, scale_factor=math.sqrt(side * side / 196), mode="bicubic")
+        ref = torch.cat([pos[:, :1], ref.permute(0, 2, 3, 1).reshape(1, -1, 8)], 1)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    assert resample_pos_embed(pos, (14, 14)) is pos
+
+
+def test_backbone_is_a_plain_timm_vit():
+    enc = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).eval()
+    plain = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0)
+    plain.load_state_dict(enc.backbone.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), enc.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_param_groups_follow_reference():
+    from msn_ds.engine import param_groups
+    model = MSNModel(MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16), 10, 16)
+    groups = {g["name"]: g for g in param_groups(model)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert "encoder.backbone.blocks.0.attn.qkv.weight" in decay
+    assert "encoder.backbone.pos_embed" in decay  # 3-D, as in the reference
+    assert "encoder.backbone.blocks.0.attn.qkv.bias" in no_decay
+    assert "encoder.backbone.norm.weight" in no_decay
+    assert "encoder.head.bn1.weight" in no_decay
+    assert groups["prototypes"]["params"][0] is model.prototypes
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(model.parameters()))
