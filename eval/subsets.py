@@ -57,7 +57,8 @@ def make_subsets(root: str, per_class: Iterable[int] = (1, 2, 5),
     for cls, files in images.items():
         short = [k for k in per_class if k > len(files)]
         if short:
-            raise ValueError(f"{root}/{cls}: {len(files)} images, cannot draw {max(short)} per class")
+            raise ValueError(f"{root}/{cls}: {len(files)} images, "
+                             f"cannot draw {max(short)} per class")
     out: dict[str, list[str]] = {}
     for split in range(splits):
         orders = {c: class_order(f, seed, split, c) for c, f in images.items()}

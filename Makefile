@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+# DeepSpeed JIT-builds a small CPU op on first use: cache it inside the venv.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
+export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+DEMO_DATA := data/mnist_demo
+DEMO_RUN := runs/demo_cpu
+
+.PHONY: venv demo test clean
+
+venv: .venv/.installed
+
+.venv/.installed: setup.py
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[test,demo]"
+	touch $@
+
+$(DEMO_DATA)/.complete: .venv/.installed scripts/make_demo_data.py
+	$(PY) scripts/make_demo_data.py --out $(DEMO_DATA)
+	touch $@
+
+demo: .venv/.installed $(DEMO_DATA)/.complete
+	rm -rf $(DEMO_RUN)
+	$(PY) train.py --config configs/demo_cpu.yaml --deepspeed_config ds_configs/zero0_fp32.json
+	$(PY) scripts/make_subsets.py $(DEMO_DATA)/train --per-class 1 2 5 --splits 3 --seed 0 --out $(DEMO_RUN)/subsets
+	$(PY) scripts/demo_eval.py --weights $(DEMO_RUN)/demo-target.safetensors --root $(DEMO_DATA) --subsets $(DEMO_RUN)/subsets
+
+test: .venv/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv runs data

@@ -1,0 +1,313 @@
+"""Few-shot logistic regression on frozen features: the MSN reference protocol.
+
+The reference (``logistic_eval.py``) does, for a labelled subset of the train set:
+
+1. ``cyan.preprocess(embs, normalize=True, columns=False, centering=True)`` on the train
+   features and, separately, on the test features. cyanure hands ``X.T`` to C++ and centres
+   and L2-normalises its *columns*, i.e. each sample: every feature vector has its own mean
+   (over its D entries) subtracted and is scaled to unit norm. No statistic is shared between
+   train and test. That is ``centering="sample"`` here (the default); ``"train"`` subtracts the
+   mean train feature instead (a common variant, not the reference's), ``"none"`` only
+   normalises.
+2. ``MultiClassifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False)`` fitted
+   with ``lambd / n_train``: cyanure minimises ``(1/n) sum_i CE(W^T x_i, y_i) + lambd/2 ||W||^2``.
+   We minimise the same strongly convex objective with full-batch, preconditioned L-BFGS
+   (strong Wolfe line search, float64) to a gradient of ~1e-9, much tighter than cyanure's
+   ``tol=1e-3`` duality gap, so the two agree up to cyanure's own tolerance.
+3. top-1 accuracy on the whole val set.
+
+    python -m eval.logistic --weights runs/x/weights.safetensors --root data/mnist_demo \
+        --subsets data/mnist_demo/subsets/1imgs_class_split*.txt --crop 32 --resize 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from msn_ds.data import eval_folder, eval_transform
+from msn_ds.models import MSNEncoder
+
+from .features import extract_features, pixel_features
+
+CENTERING = ("sample", "train", "none")
+
+
+def preprocess(x: torch.Tensor, centering: str = "sample",
+               train_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Centre (see the module docstring) and L2-normalise the rows of ``x`` (float64)."""
+    x = x.double()
+    if centering == "sample":
+        x = x - x.mean(dim=1, keepdim=True)
+    elif centering == "train":
+        x = x - train_mean.to(x)
+    elif centering != "none":
+        raise ValueError(f"centering must be one of {CENTERING}, got {centering!r}")
+    return F.normalize(x, dim=1, eps=1e-12)
+
+
+def objective(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lambd: float) -> torch.Tensor:
+    """cyanure's multinomial logistic objective: mean cross-entropy + lambd/2 ||W||^2."""
+    return F.cross_entropy(x @ W, y) + 0.5 * lambd * W.pow(2).sum()
+
+
+def fit_logistic(train_x, train_y, num_classes: int, lambd: float, max_iter: int = 1000,
+                 gtol: float = 1e-9, device: Optional[str | torch.device] = None) -> torch.Tensor:
+    """``W [D, C]`` (float64, no intercept) minimising :func:`objective` with this ``lambd``
+    (already divided by n if following the reference).
+
+    Two exact reformulations keep few-shot problems cheap:
+
+    * with fewer samples than dimensions, the minimiser lies in the span of the samples
+      (the penalty kills any component the data cannot see), so we solve in an orthonormal
+      basis ``Q`` of that span: ``W = Q B``, features ``X Q`` of size ``n``;
+    * the features are badly conditioned (after per-sample centring one direction holds
+      almost all the variance), so we solve for ``V`` with ``B = P V``,
+      ``P = (Z^T Z / (n C) + lambd I)^(-1/2)``: same minimiser, near-isotropic Hessian.
+
+    L-BFGS stops when ``max |grad_V| <= gtol``; as ``||P^-1|| <= 1`` (unit-norm rows,
+    ``lambd <= 1/2``) and ``Q`` is orthonormal, the gradient in ``W`` is no larger (2-norm).
+    """
+    if lambd <= 0:
+        raise ValueError("lambd must be > 0 (the objective is then strongly convex)")
+    x = torch.as_tensor(train_x)
+    device = torch.device(device) if device is not None else x.device
+    x = x.to(device, torch.float64)
+    y = torch.as_tensor(train_y).to(device, torch.long)
+    n, dim = x.shape
+    Q = torch.linalg.qr(x.T).Q if n < dim else None  # [D, n], orthonormal columns
+    z = x @ Q if Q is not None else x
+    evals, U = torch.linalg.eigh(z.T @ z / (n * num_classes))
+    P = (U * (evals.clamp_min(0) + lambd).rsqrt()) @ U.T
+    V = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, device=device,
+                    requires_grad=True)
+    opt = torch.optim.LBFGS([V], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter,
+                            history_size=20, tolerance_grad=gtol, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = objective(P @ V, z, y, lambd)  # ||Q B|| = ||B||: the same objective
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # until max |grad| <= gtol, no progress, or max_iter iterations
+    B = (P @ V).detach()
+    return Q @ B if Q is not None else B
+
+
+def _cyanure_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                     lambd: float) -> np.ndarray:
+    """The reference's own solver, when ``cyanure`` is installed (not required)."""
+    import cyanure as cyan
+
+    train_x = np.ascontiguousarray(train_x, np.float32)
+    test_x = np.ascontiguousarray(test_x, np.float32)
+    train_y = np.asarray(train_y, np.int64)
+    try:  # cyanure >= 0.3: scikit-learn style estimator
+        clf = cyan.MultiClassifier(loss="multiclass-logistic", penalty="l2", lambda_1=lambd,
+                                   fit_intercept=False, tol=1e-3, max_iter=300)
+        clf.fit(train_x, train_y)
+    except TypeError:  # the API logistic_eval.py was written against
+        clf = cyan.MultiClassifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False)
+        clf.fit(train_x, train_y, it0=10, lambd=lambd, lambd2=lambd, nthreads=-1, tol=1e-3,
+                solver="auto", seed=0, max_epochs=300)
+    return np.asarray(clf.predict(test_x)).astype(np.int64)
+
+
+def evaluate_fewshot(train_feats, train_labels, test_feats, test_labels, lambd: float,
+                     num_classes: Optional[int] = None, centering: str = "sample",
+                     solver: str = "lbfgs", device: Optional[str | torch.device] = None) -> float:
+    """Top-1 accuracy (percent) of the reference protocol; ``lambd`` is divided by the number
+    of training samples, as ``logistic_eval.py`` does before calling cyanure."""
+    tr, te = torch.as_tensor(train_feats), torch.as_tensor(test_feats)
+    ytr = torch.as_tensor(train_labels).long()
+    yte = torch.as_tensor(test_labels).long()
+    mean = tr.double().mean(dim=0) if centering == "train" else None
+    tr, te = preprocess(tr, centering, mean), preprocess(te, centering, mean)
+    lam = lambd / len(tr)
+    if solver == "cyanure":
+        pred = torch.from_numpy(_cyanure_predict(tr.numpy(), ytr.numpy(), te.numpy(), lam))
+    elif solver == "lbfgs":
+        k = num_classes if num_classes is not None else int(max(ytr.max(), yte.max())) + 1
+        W = fit_logistic(tr, ytr, k, lam, device=device)
+        pred = (te.to(W.device) @ W).argmax(dim=1).cpu()
+    else:
+        raise ValueError(f"solver must be 'lbfgs' or 'cyanure', got {solver!r}")
+    return 100.0 * float((pred == yte).double().mean())
+
+
+def cyanure_available() -> bool:
+    try:
+        import cyanure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pixel_transform(size: Optional[int] = None) -> v2.Compose:
+    """Raw pixels in [0, 1], resized/centre-cropped only when ``size`` is given."""
+    resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size)] if size else []
+    return v2.Compose(resize + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def read_subset(path: str) -> list[str]:
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def group_name(path: str) -> str:
+    """``.../1imgs_class_split2.txt -> 1imgs_class``: the splits of one size form a group."""
+    return re.sub(r"_split\d+$", "", os.path.splitext(os.path.basename(path))[0])
+
+
+def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence[str],
+                lambd: float = 0.0025, crop: int = 224, resize: int = 256,
+                before_norm: bool = True, pixels: bool = False, *, batch_size: int = 256,
+                device: Optional[str] = None, num_workers: int = 0, centering: str = "sample",
+                solver: str = "lbfgs", pixel_size: Optional[int] = None) -> dict:
+    """Train on ``root/train`` restricted to each subset file, test on all of ``root/val``.
+
+    Features of the union of the subsets' images are extracted once and indexed per subset
+    (a 1 % ImageNet run does not embed all 1.28 M training images). ``encoder=None`` or
+    ``pixels=True`` evaluates raw pixels instead.
+    """
+    pixels = pixels or encoder is None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    transform = pixel_transform(pixel_size) if pixels else eval_transform(crop, resize)
+    train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
+    train_ds, test_ds = eval_folder(train_root, transform), eval_folder(val_root, transform)
+    if train_ds.classes != test_ds.classes:
+        raise ValueError(f"{train_root} and {val_root} have different class folders; "
+                         "labels would not line up")
+
+    subsets = {path: read_subset(path) for path in subset_files}
+    empty = [path for path, lines in subsets.items() if not lines]
+    if empty:
+        raise ValueError(f"empty subset file: {empty[0]}")
+    wanted = sorted({line for lines in subsets.values() for line in lines})
+    by_rel = {os.path.relpath(p, train_root).replace(os.sep, "/"): (p, y)
+              for p, y in train_ds.samples}
+    missing = [w for w in wanted if w not in by_rel]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} subset images not found under {train_root}, "
+                                f"e.g. {missing[0]!r} (lines are class_dir/filename)")
+    train_ds.samples = train_ds.imgs = [by_rel[w] for w in wanted]
+    train_ds.targets = [y for _, y in train_ds.samples]
+    row = {w: i for i, w in enumerate(wanted)}
+
+    def features(ds):
+        if pixels:
+            return pixel_features(ds, batch_size, num_workers)
+        return extract_features(encoder, ds, batch_size, device, before_norm, num_workers)
+
+    train_x, train_y = features(train_ds)
+    test_x, test_y = features(test_ds)
+    rep = "pixels" if pixels else ("before_norm" if before_norm else "after_norm")
+    solve_device = device if solver == "lbfgs" else None
+
+    splits, groups = [], {}
+    for path, lines in subsets.items():
+        idx = np.array([row[w] for w in lines])
+        acc = evaluate_fewshot(train_x[idx], train_y[idx], test_x, test_y, lambd,
+                               num_classes=len(train_ds.classes), centering=centering,
+                               solver=solver, device=solve_device)
+        splits.append({"subset": path, "group": group_name(path), "num_train": len(idx),
+                       "top1": acc})
+        groups.setdefault(group_name(path), []).append(acc)
+    summary = {g: {"mean": float(np.mean(a)), "splits": len(a), "top1": a,
+                   "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0}  # across splits
+               for g, a in groups.items()}
+    return {"representation": rep, "feature_dim": int(train_x.shape[1]), "lambd": lambd,
+            "centering": centering, "solver": solver, "crop": crop, "resize": resize,
+            "num_classes": len(train_ds.classes), "num_test": int(len(test_y)),
+            "num_train_extracted": int(len(train_y)), "splits": splits, "groups": summary}
+
+
+def format_table(result: dict, title: str = "") -> str:
+    lines = [f"{title + ': ' if title else ''}{result['representation']} features "
+             f"(D={result['feature_dim']}), lambd={result['lambd']:g}/n, "
+             f"centering={result['centering']}, solver={result['solver']}, "
+             f"{result['num_test']} test images",
+             f"{'subset':<36}{'n_train':>8}{'top1':>9}"]
+    for s in result["splits"]:
+        lines.append(f"{os.path.basename(s['subset']):<36}{s['num_train']:>8}{s['top1']:>9.2f}")
+    for g, s in result["groups"].items():
+        lines.append(f"{g:<36}{s['mean']:>8.2f} +- {s['std']:.2f} ({s['splits']} splits)")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eval.logistic", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="safetensors weights file (msn_ds.checkpoint)")
+    src.add_argument("--random-init", metavar="ARCH", help="untrained encoder of this arch")
+    src.add_argument("--pixels", action="store_true",
+                     help="raw pixels in [0, 1], the floor baseline (ignores --crop/--resize)")
+    p.add_argument("--root", required=True, help="dataset root holding train/ and val/")
+    p.add_argument("--subsets", nargs="+", required=True, help="subset files (class_dir/file)")
+    p.add_argument("--lambd", type=float, default=0.0025,
+                   help="L2 weight before division by n (README 0.0025; argparse default 0.00025)")
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--after-norm", action="store_true",
+                   help="class token after the final LayerNorm (reference: before)")
+    p.add_argument("--centering", choices=CENTERING, default="sample",
+                   help="sample: the reference's per-vector centring (default)")
+    p.add_argument("--solver", choices=("lbfgs", "cyanure"), default="lbfgs")
+    p.add_argument("--pixel-size", type=int, default=None,
+                   help="with --pixels: resize/crop to this size (default: native size)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-init")
+    p.add_argument("--json", help="write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.solver == "cyanure" and not cyanure_available():
+        print("error: --solver cyanure needs the cyanure package", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder, source = None, "baseline"
+    try:
+        if args.weights:
+            from msn_ds.checkpoint import load_encoder
+
+            encoder, _ = load_encoder(args.weights, device)
+            source = args.weights
+        elif args.random_init:
+            torch.manual_seed(args.seed)
+            encoder = MSNEncoder(args.random_init, img_size=args.crop).to(device).eval()
+            source = f"random init {args.random_init} (seed {args.seed})"
+        result = run_fewshot(encoder, args.root, args.subsets, args.lambd, args.crop, args.resize,
+                             before_norm=not args.after_norm, pixels=args.pixels,
+                             batch_size=args.batch_size, device=device,
+                             num_workers=args.num_workers, centering=args.centering,
+                             solver=args.solver, pixel_size=args.pixel_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result["source"] = source
+    print(format_table(result, source))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The end of `make demo`: few-shot accuracy of the trained target encoder next to the same
+architecture randomly initialised and to raw pixels (the honest floor)."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eval.logistic import run_fewshot  # noqa: E402
+from msn_ds.checkpoint import load_encoder  # noqa: E402
+from msn_ds.models import MSNEncoder  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--weights", required=True, help="target-encoder weights (safetensors)")
+    p.add_argument("--root", required=True, help="dataset root with train/ and val/")
+    p.add_argument("--subsets", required=True, help="folder of subset files")
+    p.add_argument("--crop", type=int, default=32)
+    p.add_argument("--resize", type=int, default=32)
+    p.add_argument("--lambd", type=float, default=0.0025)
+    p.add_argument("--json", default=None, help="write all results here")
+    args = p.parse_args(argv)
+
+    files = sorted(glob.glob(os.path.join(args.subsets, "*imgs_class_split*.txt")))
+    if not files:
+        print(f"error: no subset files in {args.subsets}", file=sys.stderr)
+        return 2
+    trained, meta = load_encoder(args.weights)
+    torch.manual_seed(0)
+    random = MSNEncoder(meta["arch"], img_size=int(meta["img_size"]),
+                        hidden_dim=int(meta["hidden_dim"]), output_dim=int(meta["output_dim"])).eval()
+    kw = dict(lambd=args.lambd, crop=args.crop, resize=args.resize)
+    results = {
+        f"MSN {meta['arch']} (step {meta.get('step', '?')})": run_fewshot(trained, args.root, files, **kw),
+        f"random-init {meta['arch']}": run_fewshot(random, args.root, files, **kw),
+        "raw pixels": run_fewshot(None, args.root, files, **kw),
+    }
+    groups = sorted(next(iter(results.values()))["groups"], key=lambda g: int(g.split("imgs")[0]))
+    width = max(len(k) for k in results) + 2
+    header = "".join(f"{g.replace('imgs_class', ' img/class'):>18}" for g in groups)
+    print(f"\nFew-shot logistic regression, top-1 % on {results['raw pixels']['num_test']} "
+          f"validation images (mean +- std over splits)")
+    print(f"{'representation':<{width}}{header}")
+    for name, res in results.items():
+        cells = "".join(f"{res['groups'][g]['mean']:>11.1f} +- {res['groups'][g]['std']:<4.1f}"
+                        for g in groups)
+        print(f"{name:<{width}}{cells}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

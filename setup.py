@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="msn_ds",
+    version="0.1.0",
+    description="Masked Siamese Networks (MSN) pretraining at scale with DeepSpeed",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["msn_ds", "msn_ds.*", "eval", "eval.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "deepspeed>=0.16",
+        "timm>=1.0",
+        "pyyaml>=6",
+        "tensorboard>=2.14",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "eval": ["cyanure"],
+        "demo": ["mlxtend>=0.23"],
+        "test": ["pytest>=7", "mlxtend>=0.23"],
+    },
+)
