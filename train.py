@@ -89,11 +89,13 @@ def main(argv=None) -> int:
              cfg["meta"]["model_name"], len(dataset), sampler.batches_per_epoch, global_batch,
              D.world_size(), total)
 
-    step, epoch = 0, 0
+    step, epoch, bad_images = 0, 0, 0
     while step < total:
         epoch = step // sampler.batches_per_epoch
         sampler.set_epoch(epoch, start_batch=step % sampler.batches_per_epoch)
-        for views, _ in loader:
+        for views, _, skipped in loader:
+            bad_images = check_bad_images(bad_images + skipped, skipped, len(dataset), dataset.root,
+                                          cfg["data"]["max_bad_fraction"])
             out = trainer.step(views, step, want_grad_norm=monitor.due(step + 1))
             step += 1
             monitor.update(dict(out.stats, loss=out.loss, skipped=torch.tensor(float(out.skipped))))
@@ -101,7 +103,6 @@ def main(argv=None) -> int:
                 monitor.log(step, epoch, out.sched)
             if step >= total:
                 break
-        check_bad_images(dataset, cfg)
 
     save_run(engine, trainer, cfg, step, epoch)
     monitor.close()
@@ -109,13 +110,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def check_bad_images(dataset: MultiViewImageFolder, cfg: dict) -> None:
-    limit = cfg["data"]["max_bad_fraction"] * len(dataset)
-    if dataset.bad_images:
-        log.warning("%d unreadable images skipped so far", dataset.bad_images)
-    if dataset.bad_images > limit:
-        raise RuntimeError(f"{dataset.bad_images} unreadable images in {dataset.root} exceed "
-                           f"data.max_bad_fraction={cfg['data']['max_bad_fraction']}")
+def check_bad_images(total: int, new: int, num_images: int, root: str, max_fraction: float) -> int:
+    """Unreadable images are skipped and counted; above the configured fraction, stop."""
+    if new:
+        log.warning("%d unreadable images skipped on this process so far (%s)", total, root)
+    if total > max_fraction * num_images:
+        raise RuntimeError(f"{total} unreadable images in {root} exceed "
+                           f"data.max_bad_fraction={max_fraction}")
+    return total
 
 
 def save_run(engine, trainer: MSNTrainer, cfg: dict, step: int, epoch: int) -> None:

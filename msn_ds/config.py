@@ -97,6 +97,7 @@ UNSUPPORTED_IF = {
     ("meta", "use_pred_head"): True,
     ("meta", "two_layer"): True,
     ("meta", "copy_data"): True,
+    ("meta", "load_checkpoint"): True,
 }
 
 
@@ -198,7 +199,11 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
     for (section, key), bad in UNSUPPORTED_IF.items():
         if cfg[section][key] == bad:
             fail(f"{section}.{key}", f"= {bad} is not supported by msn_ds (the reference "
-                 "configs set it to false)")
+                 "configs set it to false)" + ("; resuming is not implemented yet"
+                                               if key == "load_checkpoint" else ""))
+    if cfg["meta"]["bottleneck"] != 1:
+        fail("meta.bottleneck", f"= {cfg['meta']['bottleneck']} is not supported (only 1, the "
+             "reference's value)")
     from .models import resolve_arch  # late import: keeps config importable without timm
 
     try:

@@ -1,0 +1,57 @@
+"""Data: world-size-invariant global batches, seeded views, unreadable images skipped."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msn_ds.data import GlobalBatchSampler, MultiCropTransform, MultiViewImageFolder, collate_views
+
+
+def batches(sampler):
+    items = list(sampler)
+    return [items[i:i + sampler.batch_size] for i in range(0, len(items), sampler.batch_size)]
+
+
+def test_global_batches_do_not_depend_on_world_size():
+    one = GlobalBatchSampler(103, 8, world_size=1, rank=0, seed=3)
+    two = [GlobalBatchSampler(103, 4, world_size=2, rank=r, seed=3) for r in range(2)]
+    for s in [one, *two]:
+        s.set_epoch(5)
+    joined = [a + b for a, b in zip(*(batches(s) for s in two))]
+    assert batches(one) == joined and len(joined) == 103 // 8
+    one.set_epoch(6)
+    assert batches(one) != joined  # a new order each epoch
+    one.set_epoch(5, start_batch=4)
+    assert batches(one) == joined[4:]  # resuming inside an epoch
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        d = tmp_path / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "train" / "c0" / "1.png").write_bytes(b"not a png")  # corrupt
+    return str(tmp_path / "train")
+
+
+def test_views_seeded_by_epoch_and_index(folder):
+    ds = MultiViewImageFolder(folder, MultiCropTransform(16, 8, 1, 2), seed=0)
+    a, _, _ = ds[(0, 0)]
+    b, _, _ = ds[(0, 0)]
+    c, _, _ = ds[(1, 0)]
+    assert len(a) == 4 and a[0].shape == (3, 16, 16) and a[3].shape == (3, 8, 8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(a[0], a[1])  # target and anchor are independent crops
+
+
+def test_unreadable_image_is_skipped_and_counted(folder):
+    ds = MultiViewImageFolder(folder, MultiCropTransform(16, 8, 1, 2), seed=0)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("c0/1.png")][0]
+    views, label, skipped = ds[(0, bad)]
+    assert skipped == 1 and label == ds.samples[bad + 1][1]
+    v, labels, total = collate_views([ds[(0, 0)], ds[(0, bad)]])
+    assert total == 1 and v[0].shape == (2, 3, 16, 16) and labels.tolist() == [0, 0]
