@@ -132,7 +132,8 @@ def save_run(engine, trainer: MSNTrainer, cfg: dict, step: int, epoch: int) -> N
                                 cfg["meta"]["use_bn"])
         meta.update(step=str(step), epoch=str(epoch), config=dump(cfg))
         path = os.path.join(folder, f"{cfg['logging']['write_tag']}-target.safetensors")
-        save_weights(path, trainer.target, trainer.model.prototypes, meta)
+        save_weights(path, trainer.target, trainer.model.prototypes, meta,
+                     anchor=trainer.model.encoder)
         log.info("saved DeepSpeed checkpoint global_step%d and %s", step, path)
 
 

@@ -5,6 +5,8 @@ The weights file is safetensors with these key prefixes:
 * ``target_encoder.*`` the target encoder's ViT, a plain timm ``VisionTransformer``
   state dict (``num_classes=0``): ``load_state_dict(strict=True)`` works on it;
 * ``target_head.*`` its projection head (``fc1``, ``bn1``, ``fc2``, ``bn2``, ``fc3``);
+* ``anchor_encoder.*``, ``anchor_head.*`` the same for the anchor (online) encoder, when
+  present;
 * ``prototypes`` ``[K, output_dim]``;
 
 and metadata ``arch``, ``img_size``, ``hidden_dim``, ``output_dim``, ``use_bn``, ``step``,
@@ -24,6 +26,8 @@ from .models import MSNEncoder
 
 TARGET_PREFIX = "target_encoder."
 HEAD_PREFIX = "target_head."
+ANCHOR_PREFIX = "anchor_encoder."
+ANCHOR_HEAD_PREFIX = "anchor_head."
 
 
 def encoder_metadata(encoder: MSNEncoder, img_size: int, hidden_dim: int, output_dim: int,
@@ -33,10 +37,13 @@ def encoder_metadata(encoder: MSNEncoder, img_size: int, hidden_dim: int, output
 
 
 def save_weights(path: str, target: MSNEncoder, prototypes: Optional[torch.Tensor],
-                 metadata: dict[str, str]) -> None:
+                 metadata: dict[str, str], anchor: Optional[MSNEncoder] = None) -> None:
     """Write the weights file atomically (temporary file + rename)."""
     tensors = {TARGET_PREFIX + k: v for k, v in target.backbone.state_dict().items()}
     tensors.update({HEAD_PREFIX + k: v for k, v in target.head.state_dict().items()})
+    if anchor is not None:
+        tensors.update({ANCHOR_PREFIX + k: v for k, v in anchor.backbone.state_dict().items()})
+        tensors.update({ANCHOR_HEAD_PREFIX + k: v for k, v in anchor.head.state_dict().items()})
     if prototypes is not None:
         tensors["prototypes"] = prototypes
     tensors = {k: v.detach().float().cpu().contiguous() if v.is_floating_point()
