@@ -14,7 +14,8 @@ import sys
 import torch
 
 from msn_ds import distributed as D
-from msn_ds.checkpoint import encoder_metadata, save_weights
+from msn_ds.checkpoint import (CheckpointError, encoder_metadata, load_training_checkpoint,
+                               save_training_checkpoint, save_weights)
 from msn_ds.config import ConfigError, dump, load_config, train_folder
 from msn_ds.data import GlobalBatchSampler, MultiCropTransform, MultiViewImageFolder, collate_views
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
@@ -31,9 +32,12 @@ def parse_args(argv=None):
                    help="DeepSpeed JSON (ds_configs/)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop at this global step (schedules still follow the epochs)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="resume from logging.folder's latest checkpoint, or from PATH "
+                        "(a run folder or a global_stepN folder)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may sit before or after options
 
 
 def build_loader(cfg: dict):
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
     model, target = build_models(cfg)
     engine = init_deepspeed(model, ds_config)
     target.to(engine.device)
-    schedules = build_schedules(cfg, sampler.batches_per_epoch)
+    spe = sampler.batches_per_epoch
+    schedules = build_schedules(cfg, spe)
     trainer = MSNTrainer(engine, target, build_criterion(cfg), schedules, cfg)
 
     total = schedules.total_steps if args.max_steps is None else min(args.max_steps,
@@ -89,10 +94,37 @@ def main(argv=None) -> int:
              cfg["meta"]["model_name"], len(dataset), sampler.batches_per_epoch, global_batch,
              D.world_size(), total)
 
-    step, epoch, bad_images = 0, 0, 0
-    while step < total:
-        epoch = step // sampler.batches_per_epoch
-        sampler.set_epoch(epoch, start_batch=step % sampler.batches_per_epoch)
+    step, bad_images = 0, 0
+    if args.resume is not None:
+        try:
+            state = load_training_checkpoint(
+                engine, folder if args.resume == "latest" else args.resume, cfg, D.world_size())
+        except CheckpointError as e:
+            log.error("cannot resume: %s", e)
+            D.cleanup()
+            return 2
+        step = state["step"]
+        trainer.target.load_state_dict(state["target_encoder"])
+        torch.set_rng_state(state["rng_torch"])
+        log.info("resumed at step %d (epoch %d, batch %d)", step, step // spe, step % spe)
+    stop = D.StopRequest()
+    last_saved = step
+
+    def save() -> None:
+        nonlocal last_saved
+        client_state = {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
+                        "world_size": D.world_size(), "config": dump(cfg),
+                        "rng_torch": torch.get_rng_state(),
+                        "target_encoder": trainer.target.state_dict()}
+        path = save_training_checkpoint(engine, folder, step, client_state,
+                                        keep_last=cfg["logging"]["keep_last"])
+        log.info("saved checkpoint %s", path)
+        last_saved = step
+
+    every = cfg["logging"]["checkpoint_every_steps"]
+    while step < total and not stop.flag:
+        epoch = step // spe
+        sampler.set_epoch(epoch, start_batch=step % spe)
         for views, _, skipped in loader:
             bad_images = check_bad_images(bad_images + skipped, skipped, len(dataset), dataset.root,
                                           cfg["data"]["max_bad_fraction"])
@@ -101,10 +133,19 @@ def main(argv=None) -> int:
             monitor.update(dict(out.stats, loss=out.loss, skipped=torch.tensor(float(out.skipped))))
             if monitor.due(step):
                 monitor.log(step, epoch, out.sched)
+            if step % spe == 0 or (every and step % every == 0):
+                save()
+            if stop.agreed():
+                log.warning("stop requested (%s): saving at step %d and exiting",
+                            stop.received or "another process", step)
+                stop.flag = True
+                break
             if step >= total:
                 break
 
-    save_run(engine, trainer, cfg, step, epoch)
+    if last_saved != step:
+        save()
+    save_weights_file(trainer, cfg, step)
     monitor.close()
     D.cleanup()
     return 0
@@ -120,21 +161,18 @@ def check_bad_images(total: int, new: int, num_images: int, root: str, max_fract
     return total
 
 
-def save_run(engine, trainer: MSNTrainer, cfg: dict, step: int, epoch: int) -> None:
-    """DeepSpeed checkpoint (every process) and the target encoder's weights file (rank 0)."""
-    folder = cfg["logging"]["folder"]
-    client_state = {"step": step, "epoch": epoch, "config": dump(cfg),
-                    "target_encoder": trainer.target.state_dict()}
-    engine.save_checkpoint(folder, tag=f"global_step{step}", client_state=client_state)
-    if D.is_main():
-        meta = encoder_metadata(trainer.model.encoder, cfg["data"]["rand_size"],
-                                cfg["meta"]["hidden_dim"], cfg["meta"]["output_dim"],
-                                cfg["meta"]["use_bn"])
-        meta.update(step=str(step), epoch=str(epoch), config=dump(cfg))
-        path = os.path.join(folder, f"{cfg['logging']['write_tag']}-target.safetensors")
-        save_weights(path, trainer.target, trainer.model.prototypes, meta,
-                     anchor=trainer.model.encoder)
-        log.info("saved DeepSpeed checkpoint global_step%d and %s", step, path)
+def save_weights_file(trainer: MSNTrainer, cfg: dict, step: int) -> None:
+    """The target (and anchor) encoder as one safetensors file, for evaluation and sharing."""
+    if not D.is_main():
+        return
+    meta = encoder_metadata(trainer.model.encoder, cfg["data"]["rand_size"],
+                            cfg["meta"]["hidden_dim"], cfg["meta"]["output_dim"],
+                            cfg["meta"]["use_bn"])
+    meta.update(step=str(step), epoch=str(step // trainer.schedules.steps_per_epoch),
+                config=dump(cfg))
+    path = os.path.join(cfg["logging"]["folder"], f"{cfg['logging']['write_tag']}-target.safetensors")
+    save_weights(path, trainer.target, trainer.model.prototypes, meta, anchor=trainer.model.encoder)
+    log.info("saved weights %s", path)
 
 
 if __name__ == "__main__":

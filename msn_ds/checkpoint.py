@@ -15,6 +15,8 @@ and metadata ``arch``, ``img_size``, ``hidden_dim``, ``output_dim``, ``use_bn``,
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from typing import Any, Optional
 
@@ -36,24 +38,43 @@ def encoder_metadata(encoder: MSNEncoder, img_size: int, hidden_dim: int, output
             "output_dim": str(output_dim), "use_bn": str(use_bn).lower()}
 
 
-def save_weights(path: str, target: MSNEncoder, prototypes: Optional[torch.Tensor],
-                 metadata: dict[str, str], anchor: Optional[MSNEncoder] = None) -> None:
-    """Write the weights file atomically (temporary file + rename)."""
-    tensors = {TARGET_PREFIX + k: v for k, v in target.backbone.state_dict().items()}
-    tensors.update({HEAD_PREFIX + k: v for k, v in target.head.state_dict().items()})
+def weights_tensors(target: MSNEncoder, prototypes: Optional[torch.Tensor],
+                    anchor: Optional[MSNEncoder] = None) -> dict[str, torch.Tensor]:
+    tensors = prefixed(target.backbone.state_dict(), TARGET_PREFIX)
+    tensors.update(prefixed(target.head.state_dict(), HEAD_PREFIX))
     if anchor is not None:
-        tensors.update({ANCHOR_PREFIX + k: v for k, v in anchor.backbone.state_dict().items()})
-        tensors.update({ANCHOR_HEAD_PREFIX + k: v for k, v in anchor.head.state_dict().items()})
+        tensors.update(prefixed(anchor.backbone.state_dict(), ANCHOR_PREFIX))
+        tensors.update(prefixed(anchor.head.state_dict(), ANCHOR_HEAD_PREFIX))
     if prototypes is not None:
         tensors["prototypes"] = prototypes
-    tensors = {k: v.detach().float().cpu().contiguous() if v.is_floating_point()
-               else v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return tensors
+
+
+def prefixed(state: dict[str, torch.Tensor], prefix: str, strip: str = "") -> dict[str, torch.Tensor]:
+    """``{prefix + key[len(strip):]}`` for the keys that start with ``strip``."""
+    return {prefix + k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+
+
+def save_weights(path: str, target: MSNEncoder, prototypes: Optional[torch.Tensor],
+                 metadata: dict[str, str], anchor: Optional[MSNEncoder] = None) -> None:
+    write_weights(path, weights_tensors(target, prototypes, anchor), metadata)
+
+
+def write_weights(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write safetensors (or, for a ``.pth`` path, a torch file holding ``state_dict`` and
+    ``metadata``) atomically: temporary file, then rename."""
+    tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+               for k, v in tensors.items()}
+    metadata = {k: str(v) for k, v in metadata.items()}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        if path.endswith((".pth", ".pt")):
+            torch.save({"state_dict": tensors, "metadata": metadata}, tmp)
+        else:
+            save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -64,11 +85,15 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if path.endswith((".pth", ".pt")):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            tensors, meta = blob["state_dict"], blob.get("metadata", {})
+        else:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors weights file ({e})") from None
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
     missing = [k for k in ("arch", "output_dim", "hidden_dim") if k not in meta]
     if missing:
         raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
@@ -89,3 +114,184 @@ def load_encoder(path: str, device: str | torch.device = "cpu") -> tuple[MSNEnco
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match arch {meta['arch']}: {e}") from None
     return encoder.to(device).eval(), dict(meta)
+
+
+# --------------------------------------------------------------------------------------
+# Training checkpoints (DeepSpeed): atomic save, keep-last-K, resume
+# --------------------------------------------------------------------------------------
+LATEST = "latest"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+MODEL_STATES = "mp_rank_00_model_states.pt"
+# keys that must agree between a checkpoint and the run that resumes it
+RESUME_KEYS = [("meta", "model_name"), ("meta", "hidden_dim"), ("meta", "output_dim"),
+               ("meta", "use_bn"), ("criterion", "num_proto"), ("data", "rand_size"),
+               ("criterion", "batch_size"), ("meta", "seed")]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(folder: str) -> list[tuple[int, str]]:
+    """``(step, tag)`` of the finished checkpoints in ``folder``, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        m = _TAG_RE.match(name)
+        if m and os.path.isfile(os.path.join(folder, name, MODEL_STATES)):
+            found.append((int(m.group(1)), name))
+    return sorted(found)
+
+
+def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
+                             keep_last: int = 3) -> str:
+    """Save ``global_step{step}`` so that a kill at any moment leaves the previous checkpoint
+    and the ``latest`` pointer valid.
+
+    Every process writes into ``global_step{step}.partial``; once all have finished, rank 0
+    renames it (the commit point), then rewrites ``latest`` atomically (temporary file +
+    rename) and prunes all but the newest ``keep_last``. A resume never looks at ``.partial``
+    folders.
+    """
+    import torch.distributed as dist
+
+    from .distributed import barrier, is_main
+
+    tag = f"global_step{step}"
+    partial = os.path.join(folder, tag + ".partial")
+    if is_main():
+        os.makedirs(folder, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(folder, tag=tag + ".partial", client_state={"msn": client_state},
+                           save_latest=False)  # ends with a barrier: every rank has written
+    if is_main():
+        final = os.path.join(folder, tag)
+        stale = final + ".stale"
+        if os.path.isdir(final):  # the same step saved again (e.g. after a resume)
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+        os.rename(partial, final)
+        _atomic_write_text(os.path.join(folder, LATEST), tag)
+        shutil.rmtree(stale, ignore_errors=True)
+        for _, old in complete_tags(folder)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return os.path.join(folder, tag)
+
+
+def find_checkpoint(path: str) -> tuple[str, str]:
+    """``(load_dir, tag)`` for a checkpoint folder (``.../global_stepN``) or a run folder
+    (its ``latest`` pointer; if that is missing or dangling, the newest complete one)."""
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, MODEL_STATES)):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    pointer = os.path.join(path, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            tag = f.read().strip()
+        if os.path.isfile(os.path.join(path, tag, MODEL_STATES)):
+            return path, tag
+    tags = complete_tags(path)
+    if not tags:
+        raise CheckpointError(f"no complete checkpoint (global_stepN/{MODEL_STATES}) in {path}")
+    return path, tags[-1][1]
+
+
+def read_client_state(load_dir: str, tag: str) -> dict:
+    """Our client state from a DeepSpeed checkpoint, read without unpickling objects."""
+    path = os.path.join(load_dir, tag, MODEL_STATES)
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
+    if "msn" not in states:
+        raise CheckpointError(f"{path}: not an msn_ds checkpoint (no 'msn' client state)")
+    return states["msn"]
+
+
+def check_compatible(state: dict, cfg: dict, world_size: int, where: str) -> None:
+    import yaml
+
+    saved = yaml.safe_load(state["config"])
+    for section, key in RESUME_KEYS:
+        if saved[section][key] != cfg[section][key]:
+            raise CheckpointError(f"{where}: saved with {section}.{key}={saved[section][key]!r}, "
+                                  f"this run has {cfg[section][key]!r}")
+    if state["world_size"] != world_size:
+        raise CheckpointError(f"{where}: saved by {state['world_size']} processes, this run has "
+                              f"{world_size}; resuming at another world size is not supported yet")
+
+
+def load_training_checkpoint(engine, path: str, cfg: dict, world_size: int) -> dict:
+    """Restore the engine (weights, optimiser) and return our client state."""
+    load_dir, tag = find_checkpoint(path)
+    where = os.path.join(load_dir, tag)
+    state = read_client_state(load_dir, tag)
+    check_compatible(state, cfg, world_size, where)
+    try:
+        loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+    except Exception as e:
+        raise CheckpointError(f"{where}: DeepSpeed could not load it ({type(e).__name__}: {e})") from None
+    if loaded is None:
+        raise CheckpointError(f"{where}: DeepSpeed found nothing to load")
+    return state
+
+
+def consolidate(path: str, out: str) -> dict[str, str]:
+    """One weights file from a training checkpoint (any ZeRO stage, no GPU needed).
+
+    The target encoder comes from our client state (full fp32, replicated on every
+    process); the anchor encoder and the prototypes from DeepSpeed's fp32 master weights
+    (``get_fp32_state_dict_from_zero_checkpoint`` under ZeRO, the module state otherwise).
+    """
+    import yaml
+
+    load_dir, tag = find_checkpoint(path)
+    where = os.path.join(load_dir, tag)
+    states_path = os.path.join(where, MODEL_STATES)
+    try:
+        states = torch.load(states_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{states_path}: unreadable or truncated ({e})") from None
+    if "msn" not in states:
+        raise CheckpointError(f"{states_path}: not an msn_ds checkpoint (no 'msn' client state)")
+    state = states["msn"]
+    stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        try:
+            module = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+        except Exception as e:
+            raise CheckpointError(f"{where}: cannot gather the ZeRO-{stage} shards "
+                                  f"({type(e).__name__}: {e})") from None
+    else:
+        module = states["module"]
+    cfg = yaml.safe_load(state["config"])
+    tensors = prefixed(state["target_encoder"], TARGET_PREFIX, "backbone.")
+    tensors.update(prefixed(state["target_encoder"], HEAD_PREFIX, "head."))
+    tensors.update(prefixed(module, ANCHOR_PREFIX, "encoder.backbone."))
+    tensors.update(prefixed(module, ANCHOR_HEAD_PREFIX, "encoder.head."))
+    tensors["prototypes"] = module["prototypes"]
+    from .models import resolve_arch
+    meta = {"arch": resolve_arch(cfg["meta"]["model_name"]).name,
+            "img_size": cfg["data"]["rand_size"], "hidden_dim": cfg["meta"]["hidden_dim"],
+            "output_dim": cfg["meta"]["output_dim"], "use_bn": str(cfg["meta"]["use_bn"]).lower(),
+            "step": state["step"], "epoch": state["epoch"], "config": state["config"],
+            "source": where, "zero_stage": stage}
+    write_weights(out, tensors, meta)
+    return {k: str(v) for k, v in meta.items()}

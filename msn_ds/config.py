@@ -89,6 +89,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         # ours
         "log_every": ((int,), 10),
         "tensorboard": ((bool,), True),
+        "checkpoint_every_steps": ((int,), 0),
+        "keep_last": ((int,), 3),
     },
 }
 

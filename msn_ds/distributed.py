@@ -26,11 +26,21 @@ def setup_env() -> None:
         if "MASTER_ADDR" not in env:
             nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
             env["MASTER_ADDR"] = _first_slurm_host(nodes)
+    if "WORLD_SIZE" not in env:  # a world of one: any free local port will do
+        env.setdefault("MASTER_PORT", str(_free_port()))
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -128,3 +138,30 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over processes: each process's input influences every process's
     loss, so the backward sums the incoming gradients too (what SyncBatchNorm needs)."""
     return _AllReduceSum.apply(x) if world_size() > 1 else x
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit warnings) set a flag; the
+    training loop asks ``agreed()`` at each step boundary, so that every process saves and
+    stops at the same step."""
+
+    def __init__(self, signals=("SIGTERM", "SIGUSR1")):
+        import signal
+
+        self.flag = False
+        self.received: str | None = None
+        for name in signals:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.flag = True
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.flag else 0.0])
+        if world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,34 @@
+"""One weights file from a training checkpoint:
+
+    python scripts/consolidate.py runs/vits16 --out vits16.safetensors          # latest
+    python scripts/consolidate.py runs/vits16/global_step5000 --out w.pth       # a given one
+
+Key prefixes: target_encoder.* (a plain timm ViT state dict), target_head.*, anchor_encoder.*,
+anchor_head.*, prototypes; metadata: arch, img_size, hidden_dim, output_dim, use_bn, step,
+epoch, config.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from msn_ds.checkpoint import CheckpointError, consolidate  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run folder (uses its latest checkpoint) or global_stepN folder")
+    p.add_argument("--out", required=True, help="output file (.safetensors, or .pth)")
+    args = p.parse_args(argv)
+    try:
+        meta = consolidate(args.checkpoint, args.out)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {meta['arch']} step {meta['step']} (ZeRO-{meta['zero_stage']} "
+          f"checkpoint {meta['source']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""train.py with an injected fault, for tests/test_checkpoint.py.
+
+    python tests/train_with_faults.py kill-in-save STEP  <train.py args>
+        SIGKILL this process half-way through writing the checkpoint of STEP
+    python tests/train_with_faults.py sigterm-at STEP  <train.py args>
+        send SIGTERM to this process during step STEP (as SLURM does before pre-emption)
+"""
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from msn_ds import engine  # noqa: E402
+
+
+def main():
+    fault, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if fault == "kill-in-save":
+        real_save = torch.save
+
+        def dying_save(obj, path, *a, **k):
+            if f"global_step{step}.partial" in str(path):
+                with open(path, "wb") as f:
+                    f.write(b"PK\x03\x04 half a checkpoint")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, path, *a, **k)
+
+        torch.save = dying_save
+    elif fault == "sigterm-at":
+        real_step = engine.MSNTrainer.step
+
+        def step_then_signal(self, views, s, **kw):
+            if s == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(self, views, s, **kw)
+
+        engine.MSNTrainer.step = step_then_signal
+    else:
+        raise SystemExit(f"unknown fault {fault}")
+    sys.exit(train.main(argv))
+
+
+if __name__ == "__main__":
+    main()
