@@ -22,10 +22,16 @@ def demo_root(tmp_path_factory):
     return str(root)
 
 
-def train(args, nproc=1, timeout=600):
+def train(args, nproc=1, timeout=600, launcher="torchrun"):
     script = os.path.join(ROOT, "train.py")
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    if nproc == 1:
+        launcher = [sys.executable]
+    elif launcher == "deepspeed":  # DeepSpeed's own launcher, as users run it
+        launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+                    f"--num_gpus={nproc}", "--master_port=29611"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}"]
     r = subprocess.run(launcher + [script] + args, capture_output=True, text=True,
                        timeout=timeout, env=ENV, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -53,12 +59,15 @@ def test_training_lowers_the_loss(demo_root, tmp_path):
     assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 128)
 
 
-@pytest.mark.parametrize("ds_config", ["zero1_fp32.json", "zero1_bf16.json"])
-def test_two_processes(demo_root, tmp_path, ds_config):
+@pytest.mark.parametrize("ds_config,launcher", [("zero1_fp32.json", "torchrun"),
+                                                ("zero1_bf16.json", "torchrun"),
+                                                ("zero0_fp32.json", "deepspeed")])
+def test_two_processes(demo_root, tmp_path, ds_config, launcher):
     run = str(tmp_path / "run")
     r = train(["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds_config}",
                "--max-steps", "4", f"data.root_path={demo_root}", f"logging.folder={run}",
-               "logging.log_every=2", "criterion.batch_size=8", "data.num_workers=0"], nproc=2)
+               "logging.log_every=2", "criterion.batch_size=8", "data.num_workers=0"], nproc=2,
+              launcher=launcher)
     rows = metrics(run)
     assert [row["step"] for row in rows] == [2, 4]
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
