@@ -211,8 +211,9 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     return path, tags[-1][1]
 
 
-def read_client_state(load_dir: str, tag: str) -> dict:
-    """Our client state from a DeepSpeed checkpoint, read without unpickling objects."""
+def read_model_states(load_dir: str, tag: str) -> dict:
+    """DeepSpeed's model-states file (our client state under ``msn``), read without
+    unpickling objects."""
     path = os.path.join(load_dir, tag, MODEL_STATES)
     try:
         states = torch.load(path, map_location="cpu", weights_only=True)
@@ -220,7 +221,7 @@ def read_client_state(load_dir: str, tag: str) -> dict:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
     if "msn" not in states:
         raise CheckpointError(f"{path}: not an msn_ds checkpoint (no 'msn' client state)")
-    return states["msn"]
+    return states
 
 
 def check_compatible(state: dict, cfg: dict, world_size: int, where: str) -> None:
@@ -240,7 +241,7 @@ def load_training_checkpoint(engine, path: str, cfg: dict, world_size: int) -> d
     """Restore the engine (weights, optimiser) and return our client state."""
     load_dir, tag = find_checkpoint(path)
     where = os.path.join(load_dir, tag)
-    state = read_client_state(load_dir, tag)
+    state = read_model_states(load_dir, tag)["msn"]
     check_compatible(state, cfg, world_size, where)
     try:
         loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
@@ -263,13 +264,7 @@ def consolidate(path: str, out: str) -> dict[str, str]:
 
     load_dir, tag = find_checkpoint(path)
     where = os.path.join(load_dir, tag)
-    states_path = os.path.join(where, MODEL_STATES)
-    try:
-        states = torch.load(states_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{states_path}: unreadable or truncated ({e})") from None
-    if "msn" not in states:
-        raise CheckpointError(f"{states_path}: not an msn_ds checkpoint (no 'msn' client state)")
+    states = read_model_states(load_dir, tag)
     state = states["msn"]
     stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage > 0:

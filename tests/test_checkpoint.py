@@ -17,14 +17,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_demo_data.py"),
-                    "--out", str(root / "mnist_demo")], check=True, capture_output=True)
-    return str(root)
-
-
 def args(demo_root, folder, steps, ds="zero0_fp32.json", *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds}",
             "--max-steps", str(steps), f"data.root_path={demo_root}", f"logging.folder={folder}",

@@ -14,14 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_demo_data.py"),
-                    "--out", str(root / "mnist_demo")], check=True, capture_output=True)
-    return str(root)
-
-
 def train(args, nproc=1, timeout=600, launcher="torchrun"):
     script = os.path.join(ROOT, "train.py")
     if nproc == 1:
