@@ -128,7 +128,16 @@ def main(argv=None) -> int:
         for views, _, skipped in loader:
             bad_images = check_bad_images(bad_images + skipped, skipped, len(dataset), dataset.root,
                                           cfg["data"]["max_bad_fraction"])
-            out = trainer.step(views, step, want_grad_norm=monitor.due(step + 1))
+            try:
+                out = trainer.step(views, step, want_grad_norm=monitor.due(step + 1))
+            except FloatingPointError as e:  # too many non-finite losses in a row
+                log.error("%s; saving the last good state (step %d) and stopping", e, step)
+                save()
+                D.cleanup()
+                return 3
+            if out.skipped:
+                log.warning("step %d: non-finite loss, update and EMA skipped (%d in a row)",
+                            step, trainer.nonfinite_run)
             step += 1
             monitor.update(dict(out.stats, loss=out.loss, skipped=torch.tensor(float(out.skipped))))
             if monitor.due(step):

@@ -4,6 +4,8 @@
         SIGKILL this process half-way through writing the checkpoint of STEP
     python tests/train_with_faults.py sigterm-at STEP  <train.py args>
         send SIGTERM to this process during step STEP (as SLURM does before pre-emption)
+    python tests/train_with_faults.py nan-from STEP:COUNT  <train.py args>
+        the loss is NaN at steps STEP .. STEP+COUNT-1
 """
 import os
 import signal
@@ -17,7 +19,8 @@ from msn_ds import engine  # noqa: E402
 
 
 def main():
-    fault, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    fault, when, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    step = int(when.split(":")[0])
     if fault == "kill-in-save":
         real_save = torch.save
 
@@ -40,6 +43,21 @@ def main():
             return real_step(self, views, s, **kw)
 
         engine.MSNTrainer.step = step_then_signal
+    elif fault == "nan-from":
+        from msn_ds.loss import MSNLoss
+
+        count = int(when.split(":")[1])
+        real_forward = MSNLoss.forward
+        calls = {"n": 0}
+
+        def nan_forward(self, *a, **k):
+            loss, stats = real_forward(self, *a, **k)
+            calls["n"] += 1  # one call per training step
+            if step <= calls["n"] - 1 < step + count:
+                loss = loss * float("nan")
+            return loss, stats
+
+        MSNLoss.forward = nan_forward
     else:
         raise SystemExit(f"unknown fault {fault}")
     sys.exit(train.main(argv))
