@@ -33,7 +33,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "use_fp16": ((bool,), False),
         # ours
         "seed": ((int,), 0),
-        "grad_checkpointing": ((bool,), False),
+        "activation_checkpointing": ((int,), 0),
         "nonfinite_patience": ((int,), 10),
     },
     "criterion": {
@@ -223,7 +223,7 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
             fail(f"{section}.{key}", f"must be > 0, got {cfg[section][key]}")
     for section, key in [("data", "rand_views"), ("data", "focal_views"), ("data", "num_workers"),
                          ("optimization", "warmup"), ("optimization", "clip_grad"),
-                         ("criterion", "sinkhorn_iters")]:
+                         ("criterion", "sinkhorn_iters"), ("meta", "activation_checkpointing")]:
         if cfg[section][key] < 0:
             fail(f"{section}.{key}", f"must be >= 0, got {cfg[section][key]}")
     if cfg["data"]["rand_views"] < 1:

@@ -32,7 +32,7 @@ def build_models(cfg: dict) -> tuple[MSNModel, MSNEncoder]:
     encoder = MSNEncoder(meta["model_name"], img_size=data["rand_size"],
                          hidden_dim=meta["hidden_dim"], output_dim=meta["output_dim"],
                          use_bn=meta["use_bn"], drop_path_rate=meta["drop_path_rate"],
-                         grad_checkpointing=meta["grad_checkpointing"])
+                         checkpoint_every=meta["activation_checkpointing"])
     model = MSNModel(encoder, crit["num_proto"], meta["output_dim"],
                      freeze_proto=crit["freeze_proto"])
     return model, make_target(encoder)

@@ -80,3 +80,27 @@ def test_two_process_loss_equals_one_process(tmp_path, sinkhorn, eps):
     with torch.no_grad():
         ref.running_mean.zero_(), ref.running_var.fill_(1)
     torch.testing.assert_close(ref(inputs["bn_x"]), y.detach(), **tol)
+
+
+def test_rank_discovery_from_slurm(monkeypatch):
+    from msn_ds import distributed as D
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[003-004,010],cpu1")
+    D.setup_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "16", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu003" and os.environ["MASTER_PORT"] == "29500"
+
+
+def test_one_process_defaults_to_a_free_port(monkeypatch):
+    from msn_ds import distributed as D
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    D.setup_env()
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["RANK"] == "0"
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536

@@ -120,3 +120,19 @@ def test_param_groups_follow_reference():
     assert groups["prototypes"]["params"][0] is model.prototypes
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients(every):
+    torch.manual_seed(0)
+    plain = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16)
+    ckpt = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16, checkpoint_every=every)
+    ckpt.load_state_dict(plain.state_dict())
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+    grads = []
+    for enc in (plain, ckpt):
+        z = enc(views, mask_ratio=0.3, generator=torch.Generator().manual_seed(0))
+        z.square().sum().backward()
+        grads.append([p.grad.clone() for p in enc.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -136,16 +136,22 @@ class MSNEncoder(nn.Module):
 
     ``views`` is a list of ``[B, 3, H, W]`` tensors. Consecutive views of equal size run as
     one batch; the output rows are view-major (all images' first view, then the second...).
+
+    ``checkpoint_every=k`` recomputes every k-th block's activations in the backward pass
+    (0: off, 1: every block). It uses ``torch.utils.checkpoint`` (non-reentrant), which works
+    with token dropping, with parameters that ZeRO-3 gathers on use, and with inputs that do
+    not require grad, with no DeepSpeed-specific partitioning of activations needed for a
+    data-parallel ViT.
     """
 
     def __init__(self, arch: str = "vit_small_16", img_size: int = 224, hidden_dim: int = 2048,
                  output_dim: int = 256, use_bn: bool = True, drop_path_rate: float = 0.0,
-                 grad_checkpointing: bool = False):
+                 checkpoint_every: int = 0):
         super().__init__()
         self.spec = resolve_arch(arch)
         self.backbone = build_vit(self.spec, img_size=img_size, drop_path_rate=drop_path_rate)
         self.head = ProjectionHead(self.spec.embed_dim, hidden_dim, output_dim, use_bn=use_bn)
-        self.grad_checkpointing = grad_checkpointing
+        self.checkpoint_every = checkpoint_every
         init_reference_(self)
 
     @property
@@ -166,11 +172,11 @@ class MSNEncoder(nn.Module):
         if mask_ratio > 0:
             x = drop_tokens(x, mask_ratio, per_sample_mask, generator)
         x = vit.norm_pre(x)
-        if self.grad_checkpointing and self.training:
-            for block in vit.blocks:
+        for i, block in enumerate(vit.blocks):
+            if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        else:
-            x = vit.blocks(x)
+            else:
+                x = block(x)
         return vit.norm(x)
 
     def forward_features(self, x: torch.Tensor, **mask) -> torch.Tensor:
