@@ -103,20 +103,14 @@ def main(argv=None) -> int:
             log.error("cannot resume: %s", e)
             D.cleanup()
             return 2
-        step = state["step"]
-        trainer.target.load_state_dict(state["target_encoder"])
-        torch.set_rng_state(state["rng_torch"])
+        step = trainer.load_client_state(state)
         log.info("resumed at step %d (epoch %d, batch %d)", step, step // spe, step % spe)
     stop = D.StopRequest()
     last_saved = step
 
     def save() -> None:
         nonlocal last_saved
-        client_state = {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
-                        "world_size": D.world_size(), "config": dump(cfg),
-                        "rng_torch": torch.get_rng_state(),
-                        "target_encoder": trainer.target.state_dict()}
-        path = save_training_checkpoint(engine, folder, step, client_state,
+        path = save_training_checkpoint(engine, folder, step, trainer.client_state(step, dump(cfg)),
                                         keep_last=cfg["logging"]["keep_last"])
         log.info("saved checkpoint %s", path)
         last_saved = step

@@ -196,6 +196,19 @@ class MSNTrainer:
         ema_update_(self.target.parameters(), self.model.encoder.parameters(), sched["momentum"])
         return StepOutput(loss.detach(), stats, sched, skipped=False)
 
+    def client_state(self, step: int, config_yaml: str) -> dict[str, Any]:
+        """What a resume needs beside DeepSpeed's own state: position, RNG, the fp32 target."""
+        spe = self.schedules.steps_per_epoch
+        return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
+                "world_size": D.world_size(), "config": config_yaml,
+                "rng_torch": torch.get_rng_state(), "target_encoder": self.target.state_dict()}
+
+    def load_client_state(self, state: dict[str, Any]) -> int:
+        """Restore the target encoder and the RNG; returns the global step to continue from."""
+        self.target.load_state_dict(state["target_encoder"])
+        torch.set_rng_state(state["rng_torch"])
+        return state["step"]
+
     @staticmethod
     def _all_finite(loss: torch.Tensor) -> bool:
         """Agreed across processes, so that every rank skips or steps together."""
