@@ -28,3 +28,51 @@ def make_target(encoder: nn.Module) -> nn.Module:
     for p in target.parameters():
         p.requires_grad_(False)
     return target
+
+
+class ShardedEMA:
+    """The target update under ZeRO-3, on each process's own slices: no gather, no full copy.
+
+    The target encoder is partitioned exactly like the anchor (same world size, same
+    flattening), so slice ``i`` of target parameter ``p`` and slice ``i`` of the anchor's
+    fp32 master copy of ``p`` hold the same elements. The target keeps its own fp32 slices
+    (a bf16 target could not absorb updates of size (1 - m) * delta as m -> 1) and writes
+    them into its working partitions (``ds_tensor``, in the engine's dtype) after each update.
+    The target must be partitioned with ``stage3_param_persistence_threshold: 0``: a
+    persisted parameter lives whole in ``.data`` and would go stale.
+    """
+
+    def __init__(self, target: nn.Module, anchor: nn.Module):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self._local_fp32 = safe_get_local_fp32_param
+        self.target = [p for p in target.parameters()]
+        self.anchor = [p for p in anchor.parameters()]
+        if len(self.target) != len(self.anchor):
+            raise ValueError(f"target has {len(self.target)} parameters, anchor {len(self.anchor)}")
+        for t, a in zip(self.target, self.anchor):
+            if not hasattr(t, "ds_tensor") or t.ds_tensor.numel() != self._local_fp32(a).numel():
+                raise ValueError("target and anchor are not partitioned alike (ZeRO-3 with the "
+                                 "same world size is required)")
+        # start from the anchor's fp32 master slices: exact, whatever the engines' dtype
+        self.slices = [self._local_fp32(a).detach().float().clone() for a in self.anchor]
+        self._write()
+
+    @torch.no_grad()
+    def update(self, m: float) -> None:
+        online = [self._local_fp32(a).detach().float() for a in self.anchor]
+        torch._foreach_lerp_(self.slices, online, 1.0 - m)
+        self._write()
+
+    @torch.no_grad()
+    def _write(self) -> None:
+        for p, s in zip(self.target, self.slices):
+            p.ds_tensor.copy_(s.view_as(p.ds_tensor))
+
+    def state_dict(self) -> dict:
+        return {"slices": [s.clone() for s in self.slices]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.slices, state["slices"]):
+            s.copy_(saved)
+        self._write()

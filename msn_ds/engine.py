@@ -115,6 +115,9 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
     if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
         raise ConfigError(f"{source}: fp16 needs a GPU (DeepSpeed's CPU accelerator rejects it);"
                           " use a bf16 or fp32 config")
+    if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
+        raise ConfigError(f"{source}: ZeRO stage 3 is not supported by train.py yet (the EMA on "
+                          "ZeRO-3 slices exists, msn_ds.ema.ShardedEMA; use stage 0-2)")
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds

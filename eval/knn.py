@@ -1,0 +1,228 @@
+"""Weighted k-nearest-neighbour classification on frozen features (the DINO protocol).
+
+Train and test features are L2-normalised; each test feature takes its ``k`` (default 20)
+nearest train features by cosine similarity, and each neighbour votes for its class with
+weight ``exp(sim / T)`` (``T = 0.07``). The class scores are the summed votes; top-1 / top-5
+accuracy are read off them. Nothing is trained, so the result depends only on the features
+(and ``k``, ``T``): a quick check of a representation that needs no hyper-parameter search.
+
+Train is ``ROOT/train`` (optionally restricted to a subset file, ``class_dir/filename`` per
+line), test is all of ``ROOT/val``. Features are the class token before the final LayerNorm
+(``--after-norm`` for after), as in :mod:`eval.logistic`; ``--pixels`` uses raw pixels.
+
+    python -m eval.knn --weights runs/x/weights.safetensors --root data/mnist_demo \
+        --crop 32 --resize 32 --json runs/x/knn.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from msn_ds.data import eval_folder, eval_transform
+from msn_ds.models import MSNEncoder
+
+from .features import extract_features, pixel_features
+from .logistic import pixel_transform
+
+
+def knn_classify(train_x, train_y, test_x, k: int = 20, temperature: float = 0.07,
+                 num_classes: Optional[int] = None, chunk: int = 1024) -> torch.Tensor:
+    """Class scores ``[N_test, C]`` (float32): for each test row, the sum over its ``k``
+    most cosine-similar train rows of ``exp(sim / temperature)``, per neighbour class.
+
+    Rows are L2-normalised here. ``k`` is clamped to the train set size. The test set is
+    processed ``chunk`` rows at a time, so memory is ``O(chunk * N_train)``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    tr = F.normalize(torch.as_tensor(train_x).float(), dim=1)
+    te = torch.as_tensor(test_x).float()
+    ytr = torch.as_tensor(train_y).long().to(tr.device)
+    if len(tr) == 0:
+        raise ValueError("empty train set")
+    num_classes = num_classes if num_classes is not None else int(ytr.max()) + 1
+    k = min(k, len(tr))
+    scores = torch.zeros(len(te), num_classes, dtype=torch.float32)
+    for i in range(0, len(te), chunk):
+        q = F.normalize(te[i:i + chunk].to(tr.device), dim=1)
+        sim, idx = (q @ tr.T).topk(k, dim=1)  # [b, k], largest first
+        votes = (sim / temperature).exp()
+        part = torch.zeros(len(q), num_classes, dtype=torch.float32, device=tr.device)
+        part.scatter_add_(1, ytr[idx], votes)
+        scores[i:i + chunk] = part.cpu()
+    return scores
+
+
+def topk_accuracy(scores: torch.Tensor, labels, ks=(1, 5)) -> dict:
+    """``{"top1": %, "top5": %}``; top-k with k >= number of classes is 100 %."""
+    labels = torch.as_tensor(labels).long()
+    out = {}
+    for k in ks:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+        out[f"top{k}"] = 100.0 * float((top == labels[:, None]).any(dim=1).double().mean())
+    return out
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07,
+                 num_classes: Optional[int] = None, chunk: int = 1024) -> dict:
+    """``{"top1": %, "top5": %}`` of :func:`knn_classify` on ``test_y``."""
+    if num_classes is None:
+        num_classes = int(max(np.max(train_y), np.max(test_y))) + 1
+    scores = knn_classify(train_x, train_y, test_x, k, temperature, num_classes, chunk)
+    return topk_accuracy(scores, test_y)
+
+
+def sha256_file(path: str, chars: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:chars]
+
+
+def load_datasets(root: str, transform, subset: Optional[str] = None):
+    """``(train, val)`` ImageFolders of ``root`` with this transform; checks the classes agree."""
+    train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
+    train_ds = eval_folder(train_root, transform, subset)
+    test_ds = eval_folder(val_root, transform)
+    if train_ds.classes != test_ds.classes:
+        raise ValueError(f"{train_root} and {val_root} have different class folders; "
+                         "labels would not line up")
+    return train_ds, test_ds
+
+
+def dataset_features(encoder: Optional[MSNEncoder], dataset, *, pixels: bool = False,
+                     before_norm: bool = True, batch_size: int = 256,
+                     device: str | torch.device = "cpu", num_workers: int = 0):
+    """``(features, labels)`` numpy: raw pixels or the encoder's class token."""
+    if pixels or encoder is None:
+        return pixel_features(dataset, batch_size, num_workers)
+    return extract_features(encoder, dataset, batch_size, device, before_norm, num_workers)
+
+
+def representation(pixels: bool, before_norm: bool) -> str:
+    return "pixels" if pixels else ("before_norm" if before_norm else "after_norm")
+
+
+def run_knn(encoder: Optional[MSNEncoder], root: str, k: int = 20, temperature: float = 0.07,
+            crop: int = 224, resize: int = 256, subset: Optional[str] = None,
+            before_norm: bool = True, pixels: bool = False, *, batch_size: int = 256,
+            device: Optional[str] = None, num_workers: int = 0,
+            pixel_size: Optional[int] = None, chunk: int = 1024) -> dict:
+    """k-NN evaluation of ``encoder`` (or raw pixels) on ``root``; a JSON-ready dict."""
+    pixels = pixels or encoder is None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    transform = pixel_transform(pixel_size) if pixels else eval_transform(crop, resize)
+    train_ds, test_ds = load_datasets(root, transform, subset)
+    kw = dict(pixels=pixels, before_norm=before_norm, batch_size=batch_size, device=device,
+              num_workers=num_workers)
+    train_x, train_y = dataset_features(encoder, train_ds, **kw)
+    test_x, test_y = dataset_features(encoder, test_ds, **kw)
+    acc = knn_accuracy(torch.as_tensor(train_x).to(device), train_y, test_x, test_y, k,
+                       temperature, len(train_ds.classes), chunk)
+    return {"protocol": "knn", "representation": representation(pixels, before_norm),
+            "feature_dim": int(train_x.shape[1]), "k": k, "k_used": min(k, len(train_y)),
+            "temperature": temperature, "crop": crop, "resize": resize,
+            "pixel_size": pixel_size if pixels else None, "subset": subset,
+            "root": os.path.abspath(root), "num_classes": len(train_ds.classes),
+            "num_train": int(len(train_y)), "num_test": int(len(test_y)), **acc}
+
+
+def format_table(result: dict, title: str = "") -> str:
+    head = (f"{title + ': ' if title else ''}{result['representation']} features "
+            f"(D={result['feature_dim']}), k={result['k_used']}, T={result['temperature']:g}, "
+            f"{result['num_train']} train / {result['num_test']} test images")
+    return "\n".join([head, f"{'top1':>8}{'top5':>8}",
+                      f"{result['top1']:>8.2f}{result['top5']:>8.2f}"])
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """The ``--weights | --random-init | --pixels`` group and the feature options, shared
+    with :mod:`eval.linear`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="safetensors weights file (msn_ds.checkpoint)")
+    src.add_argument("--random-init", metavar="ARCH", help="untrained encoder of this arch")
+    src.add_argument("--pixels", action="store_true",
+                     help="raw pixels in [0, 1], the floor baseline (ignores --crop/--resize)")
+    p.add_argument("--root", required=True, help="dataset root holding train/ and val/")
+    p.add_argument("--subset", default=None, help="restrict ROOT/train to this subset file")
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--feature-batch-size", type=int, default=256,
+                   help="images per forward pass when extracting features")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--after-norm", action="store_true",
+                   help="class token after the final LayerNorm (default: before)")
+    p.add_argument("--pixel-size", type=int, default=None,
+                   help="with --pixels: resize/crop to this size (default: native size)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-init")
+    p.add_argument("--json", help="write the results here")
+
+
+def build_source(args, device) -> tuple[Optional[MSNEncoder], dict]:
+    """The encoder named by the source arguments (None for pixels) and its JSON description."""
+    if args.weights:
+        from msn_ds.checkpoint import load_encoder
+
+        encoder, meta = load_encoder(args.weights, device)
+        return encoder, {"source": args.weights, "weights": os.path.abspath(args.weights),
+                         "weights_sha256": sha256_file(args.weights), "arch": meta.get("arch"),
+                         "step": meta.get("step"), "epoch": meta.get("epoch")}
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        encoder = MSNEncoder(args.random_init, img_size=args.crop).to(device).eval()
+        return encoder, {"source": f"random init {args.random_init} (seed {args.seed})",
+                         "arch": args.random_init, "init_seed": args.seed}
+    return None, {"source": "pixels"}
+
+
+def write_json(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eval.knn", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(p)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--chunk", type=int, default=1024, help="test rows per similarity block")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        encoder, source = build_source(args, device)
+        result = run_knn(encoder, args.root, args.k, args.temperature, args.crop, args.resize,
+                         args.subset, before_norm=not args.after_norm, pixels=args.pixels,
+                         batch_size=args.feature_batch_size, device=device,
+                         num_workers=args.num_workers, pixel_size=args.pixel_size,
+                         chunk=args.chunk)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result.update(source)
+    print(format_table(result, source["source"]))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
