@@ -14,12 +14,12 @@ import sys
 import torch
 
 from msn_ds import distributed as D
-from msn_ds.checkpoint import (CheckpointError, encoder_metadata, load_training_checkpoint,
-                               save_training_checkpoint, save_weights)
+from msn_ds.checkpoint import (CheckpointError, consolidate, load_training_checkpoint,
+                               save_training_checkpoint)
 from msn_ds.config import ConfigError, dump, load_config, train_folder
 from msn_ds.data import GlobalBatchSampler, MultiCropTransform, MultiViewImageFolder, collate_views
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
-                           init_deepspeed, read_ds_config, resolve_ds_config)
+                           init_deepspeed, init_target, read_ds_config, resolve_ds_config)
 from msn_ds.monitor import Monitor, setup_logging
 
 log = logging.getLogger("msn_ds")
@@ -80,10 +80,10 @@ def main(argv=None) -> int:
     dataset, sampler, loader = build_loader(cfg)
     model, target = build_models(cfg)
     engine = init_deepspeed(model, ds_config)
-    target.to(engine.device)
+    target, ema = init_target(target, engine, ds_config)
     spe = sampler.batches_per_epoch
     schedules = build_schedules(cfg, spe)
-    trainer = MSNTrainer(engine, target, build_criterion(cfg), schedules, cfg)
+    trainer = MSNTrainer(engine, target, ema, build_criterion(cfg), schedules, cfg)
 
     total = schedules.total_steps if args.max_steps is None else min(args.max_steps,
                                                                      schedules.total_steps)
@@ -97,13 +97,13 @@ def main(argv=None) -> int:
     step, bad_images = 0, 0
     if args.resume is not None:
         try:
-            state = load_training_checkpoint(
+            state, own_state = load_training_checkpoint(
                 engine, folder if args.resume == "latest" else args.resume, cfg, D.world_size())
         except CheckpointError as e:
             log.error("cannot resume: %s", e)
             D.cleanup()
             return 2
-        step = trainer.load_client_state(state)
+        step = trainer.load_client_state(state, own_state)
         log.info("resumed at step %d (epoch %d, batch %d)", step, step // spe, step % spe)
     stop = D.StopRequest()
     last_saved = step
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     def save() -> None:
         nonlocal last_saved
         path = save_training_checkpoint(engine, folder, step, trainer.client_state(step, dump(cfg)),
-                                        keep_last=cfg["logging"]["keep_last"])
+                                        keep_last=cfg["logging"]["keep_last"],
+                                        rank_state=trainer.rank_state())
         log.info("saved checkpoint %s", path)
         last_saved = step
 
@@ -146,9 +147,9 @@ def main(argv=None) -> int:
             if step >= total:
                 break
 
-    if last_saved != step:
+    if last_saved != step or not os.path.isdir(os.path.join(folder, f"global_step{step}")):
         save()
-    save_weights_file(trainer, cfg, step)
+    save_weights_file(cfg, os.path.join(folder, f"global_step{step}"))
     monitor.close()
     D.cleanup()
     return 0
@@ -164,18 +165,15 @@ def check_bad_images(total: int, new: int, num_images: int, root: str, max_fract
     return total
 
 
-def save_weights_file(trainer: MSNTrainer, cfg: dict, step: int) -> None:
-    """The target (and anchor) encoder as one safetensors file, for evaluation and sharing."""
-    if not D.is_main():
-        return
-    meta = encoder_metadata(trainer.model.encoder, cfg["data"]["rand_size"],
-                            cfg["meta"]["hidden_dim"], cfg["meta"]["output_dim"],
-                            cfg["meta"]["use_bn"])
-    meta.update(step=str(step), epoch=str(step // trainer.schedules.steps_per_epoch),
-                config=dump(cfg))
-    path = os.path.join(cfg["logging"]["folder"], f"{cfg['logging']['write_tag']}-target.safetensors")
-    save_weights(path, trainer.target, trainer.model.prototypes, meta, anchor=trainer.model.encoder)
-    log.info("saved weights %s", path)
+def save_weights_file(cfg: dict, checkpoint: str) -> None:
+    """The encoders as one safetensors file, consolidated from the final checkpoint (so
+    every ZeRO stage, sharded target included, gives the same file as scripts/consolidate.py)."""
+    if D.is_main():
+        path = os.path.join(cfg["logging"]["folder"],
+                            f"{cfg['logging']['write_tag']}-target.safetensors")
+        consolidate(checkpoint, path)
+        log.info("saved weights %s", path)
+    D.barrier()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import os
 import sys
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -77,7 +76,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
                  num_classes: Optional[int] = None, chunk: int = 1024) -> dict:
     """``{"top1": %, "top5": %}`` of :func:`knn_classify` on ``test_y``."""
     if num_classes is None:
-        num_classes = int(max(np.max(train_y), np.max(test_y))) + 1
+        num_classes = int(max(torch.as_tensor(train_y).max(), torch.as_tensor(test_y).max())) + 1
     scores = knn_classify(train_x, train_y, test_x, k, temperature, num_classes, chunk)
     return topk_accuracy(scores, test_y)
 

@@ -173,6 +173,9 @@ def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
             loss = F.cross_entropy(logits, y, reduction="sum") / global_bs
             opt.zero_grad(set_to_none=False)
             loss.backward()
+            for p in model.parameters():
+                if p.grad is None:  # an empty local share of a tiny last batch
+                    p.grad = torch.zeros_like(p)
             if world_size > 1:
                 for p in model.parameters():
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -254,14 +257,15 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
     train_y = np.asarray(train_ds.targets, dtype=np.int64)
     feature_fn = None
     if augment:
-        train_x = np.empty((len(train_ds), encoder.backbone.embed_dim), np.float32)
+        train_x = np.empty((len(train_ds), encoder.spec.embed_dim), np.float32)
         aug_ds, _ = load_datasets(root, augment_transform(crop), subset)
 
-        def feature_fn(epoch: int, rows: torch.Tensor) -> np.ndarray:
-            rank, _ = world()
+        def augmented(epoch: int, rows: torch.Tensor) -> np.ndarray:
+            rank, _ = world()  # random crops: a function of (seed, epoch, rank), resumable
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
                 return sharded_features(aug_ds, rows, gather=False, **kw)
+        feature_fn = augmented
     else:
         train_x = sharded_features(train_ds, **kw)
     test_x = sharded_features(test_ds, **kw)
@@ -343,10 +347,9 @@ def main(argv=None) -> int:
                             num_workers=args.num_workers, pixel_size=args.pixel_size, log=log)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if distributed:
+            dist.destroy_process_group()
         return 2
-    finally:
-        if distributed and dist.is_initialized():
-            pass
     result.update(source)
     if rank == 0:
         print(format_table(result, source["source"]))

@@ -121,7 +121,7 @@ def load_encoder(path: str, device: str | torch.device = "cpu") -> tuple[MSNEnco
 # --------------------------------------------------------------------------------------
 LATEST = "latest"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
-MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_...
 # keys that must agree between a checkpoint and the run that resumes it
 RESUME_KEYS = [("meta", "model_name"), ("meta", "hidden_dim"), ("meta", "output_dim"),
                ("meta", "use_bn"), ("criterion", "num_proto"), ("data", "rand_size"),
@@ -141,6 +141,14 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def model_states_file(tag_dir: str) -> Optional[str]:
+    """DeepSpeed's rank-0 model-states file in a checkpoint folder, whatever the stage."""
+    for name in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES):
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            return os.path.join(tag_dir, name)
+    return None
+
+
 def complete_tags(folder: str) -> list[tuple[int, str]]:
     """``(step, tag)`` of the finished checkpoints in ``folder``, oldest first."""
     if not os.path.isdir(folder):
@@ -148,13 +156,17 @@ def complete_tags(folder: str) -> list[tuple[int, str]]:
     found = []
     for name in os.listdir(folder):
         m = _TAG_RE.match(name)
-        if m and os.path.isfile(os.path.join(folder, name, MODEL_STATES)):
+        if m and model_states_file(os.path.join(folder, name)):
             found.append((int(m.group(1)), name))
     return sorted(found)
 
 
+def rank_file(rank: int) -> str:
+    return f"msn_rank{rank}.pt"
+
+
 def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
-                             keep_last: int = 3) -> str:
+                             keep_last: int = 3, rank_state: Optional[dict] = None) -> str:
     """Save ``global_step{step}`` so that a kill at any moment leaves the previous checkpoint
     and the ``latest`` pointer valid.
 
@@ -175,6 +187,10 @@ def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
     barrier()
     engine.save_checkpoint(folder, tag=tag + ".partial", client_state={"msn": client_state},
                            save_latest=False)  # ends with a barrier: every rank has written
+    if rank_state is not None:  # this process's share of state DeepSpeed does not hold
+        torch.save(rank_state, os.path.join(partial, rank_file(dist.get_rank()
+                                                               if dist.is_initialized() else 0)))
+        barrier()
     if is_main():
         final = os.path.join(folder, tag)
         stale = final + ".stale"
@@ -195,7 +211,7 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     """``(load_dir, tag)`` for a checkpoint folder (``.../global_stepN``) or a run folder
     (its ``latest`` pointer; if that is missing or dangling, the newest complete one)."""
     path = os.path.normpath(path)
-    if os.path.isfile(os.path.join(path, MODEL_STATES)):
+    if model_states_file(path):
         return os.path.dirname(path) or ".", os.path.basename(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -203,7 +219,7 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     if os.path.isfile(pointer):
         with open(pointer) as f:
             tag = f.read().strip()
-        if os.path.isfile(os.path.join(path, tag, MODEL_STATES)):
+        if model_states_file(os.path.join(path, tag)):
             return path, tag
     tags = complete_tags(path)
     if not tags:
@@ -214,7 +230,7 @@ def find_checkpoint(path: str) -> tuple[str, str]:
 def read_model_states(load_dir: str, tag: str) -> dict:
     """DeepSpeed's model-states file (our client state under ``msn``), read without
     unpickling objects."""
-    path = os.path.join(load_dir, tag, MODEL_STATES)
+    path = model_states_file(os.path.join(load_dir, tag)) or os.path.join(load_dir, tag, MODEL_STATES)
     try:
         states = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -237,8 +253,10 @@ def check_compatible(state: dict, cfg: dict, world_size: int, where: str) -> Non
                               f"{world_size}; resuming at another world size is not supported yet")
 
 
-def load_training_checkpoint(engine, path: str, cfg: dict, world_size: int) -> dict:
-    """Restore the engine (weights, optimiser) and return our client state."""
+def load_training_checkpoint(engine, path: str, cfg: dict, world_size: int
+                             ) -> tuple[dict, Optional[dict]]:
+    """Restore the engine (weights, optimiser); return our client state and this process's
+    own state (the target's slices under ZeRO-3), if it saved one."""
     load_dir, tag = find_checkpoint(path)
     where = os.path.join(load_dir, tag)
     state = read_model_states(load_dir, tag)["msn"]
@@ -250,7 +268,15 @@ def load_training_checkpoint(engine, path: str, cfg: dict, world_size: int) -> d
         raise CheckpointError(f"{where}: DeepSpeed could not load it ({type(e).__name__}: {e})") from None
     if loaded is None:
         raise CheckpointError(f"{where}: DeepSpeed found nothing to load")
-    return state
+    from .distributed import rank
+
+    own = os.path.join(where, rank_file(rank()))
+    if not os.path.isfile(own):
+        return state, None
+    try:
+        return state, torch.load(own, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{own}: unreadable or truncated ({e})") from None
 
 
 def consolidate(path: str, out: str) -> dict[str, str]:
@@ -277,11 +303,24 @@ def consolidate(path: str, out: str) -> dict[str, str]:
     else:
         module = states["module"]
     cfg = yaml.safe_load(state["config"])
-    tensors = prefixed(state["target_encoder"], TARGET_PREFIX, "backbone.")
-    tensors.update(prefixed(state["target_encoder"], HEAD_PREFIX, "head."))
+    target = state.get("target_encoder")
+    if target is None:  # ZeRO-3: every process saved its slices of the fp32 target
+        from .ema import assemble_slices
+
+        files = [os.path.join(where, rank_file(r)) for r in range(state["world_size"])]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise CheckpointError(f"{where}: target-encoder slices missing: {missing[0]}")
+        try:
+            target = assemble_slices([torch.load(f, map_location="cpu", weights_only=True)
+                                      for f in files])
+        except Exception as e:
+            raise CheckpointError(f"{where}: unreadable target-encoder slices ({e})") from None
+    tensors = prefixed(target, TARGET_PREFIX, "backbone.")
+    tensors.update(prefixed(target, HEAD_PREFIX, "head."))
     tensors.update(prefixed(module, ANCHOR_PREFIX, "encoder.backbone."))
     tensors.update(prefixed(module, ANCHOR_HEAD_PREFIX, "encoder.head."))
-    tensors["prototypes"] = module["prototypes"]
+    tensors["prototypes"] = module["prototypes.weight"]
     from .models import resolve_arch
     meta = {"arch": resolve_arch(cfg["meta"]["model_name"]).name,
             "img_size": cfg["data"]["rand_size"], "hidden_dim": cfg["meta"]["hidden_dim"],

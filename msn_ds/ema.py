@@ -20,6 +20,22 @@ def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], 
     torch._foreach_lerp_(target, online, 1.0 - m)
 
 
+class PlainEMA:
+    """The target update for ZeRO stages 0-2: full fp32 target beside the engine."""
+
+    def __init__(self, target: nn.Module, anchor: nn.Module):
+        self.target, self.anchor = target, anchor
+
+    def update(self, m: float) -> None:
+        ema_update_(self.target.parameters(), self.anchor.parameters(), m)
+
+    def state_dict(self) -> dict:
+        return self.target.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.load_state_dict(state)
+
+
 def make_target(encoder: nn.Module) -> nn.Module:
     """An fp32 copy of ``encoder`` that takes no gradient."""
     import copy
@@ -46,6 +62,8 @@ class ShardedEMA:
         from deepspeed.utils import safe_get_local_fp32_param
 
         self._local_fp32 = safe_get_local_fp32_param
+        self.module = target
+        self.names = [n for n, _ in target.named_parameters()]
         self.target = [p for p in target.parameters()]
         self.anchor = [p for p in anchor.parameters()]
         if len(self.target) != len(self.anchor):
@@ -70,9 +88,32 @@ class ShardedEMA:
             p.ds_tensor.copy_(s.view_as(p.ds_tensor))
 
     def state_dict(self) -> dict:
-        return {"slices": [s.clone() for s in self.slices]}
+        """This process's fp32 slices (with names and full shapes, for consolidation) and
+        the target's buffers (BatchNorm statistics are replicated, not partitioned)."""
+        return {"names": self.names, "shapes": [list(p.ds_shape) for p in self.target],
+                "slices": [s.clone() for s in self.slices],
+                "buffers": {k: v.clone() for k, v in self.module.named_buffers()}}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names:
+            raise ValueError("saved target slices do not match this target encoder")
         for s, saved in zip(self.slices, state["slices"]):
             s.copy_(saved)
+        buffers = dict(self.module.named_buffers())
+        for k, v in state["buffers"].items():
+            buffers[k].copy_(v)
         self._write()
+
+
+def assemble_slices(rank_states: list[dict]) -> dict[str, torch.Tensor]:
+    """Full fp32 parameters (and buffers) from every process's :class:`ShardedEMA` state."""
+    first = rank_states[0]
+    full = {}
+    for i, (name, shape) in enumerate(zip(first["names"], first["shapes"])):
+        flat = torch.cat([r["slices"][i].flatten() for r in rank_states])
+        numel = 1
+        for d in shape:
+            numel *= d
+        full[name] = flat[:numel].view(shape).clone()
+    full.update(first["buffers"])
+    return full

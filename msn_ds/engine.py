@@ -18,7 +18,7 @@ import torch.nn as nn
 from . import distributed as D
 from .config import ConfigError
 from .data.sampler import seed_for
-from .ema import ema_update_, make_target
+from .ema import PlainEMA, ShardedEMA, make_target
 from .loss import MSNLoss
 from .models import MSNEncoder, MSNModel
 from .schedules import Schedules
@@ -72,8 +72,8 @@ def param_groups(model: MSNModel) -> list[dict[str, Any]]:
             decay.append(p)
     groups = [{"params": decay, "name": "decay"},
               {"params": no_decay, "name": "no_decay", "weight_decay": 0.0, "wd_exclude": True}]
-    if model.prototypes.requires_grad:
-        groups.append({"params": [model.prototypes], "name": "prototypes", "weight_decay": 0.0,
+    if model.prototypes.weight.requires_grad:
+        groups.append({"params": [model.prototypes.weight], "name": "prototypes", "weight_decay": 0.0,
                        "wd_exclude": True})
     return groups
 
@@ -115,9 +115,6 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
     if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
         raise ConfigError(f"{source}: fp16 needs a GPU (DeepSpeed's CPU accelerator rejects it);"
                           " use a bf16 or fp32 config")
-    if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
-        raise ConfigError(f"{source}: ZeRO stage 3 is not supported by train.py yet (the EMA on "
-                          "ZeRO-3 slices exists, msn_ds.ema.ShardedEMA; use stage 0-2)")
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
@@ -137,13 +134,33 @@ class StepOutput:
     skipped: bool
 
 
-class MSNTrainer:
-    """Holds the engine, the target encoder, the criterion and the schedules."""
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
-    def __init__(self, engine, target: nn.Module, criterion: MSNLoss, schedules: Schedules,
+
+def init_target(target: nn.Module, engine, ds_config: dict):
+    """The target encoder and its EMA. Under ZeRO-3 the target becomes a second engine
+    partitioned exactly like the anchor (no optimiser; persistence threshold 0 so that every
+    parameter is sliced) and the EMA runs on the slices; otherwise it is a plain fp32 copy."""
+    if zero_stage(ds_config) == 3:
+        import deepspeed
+
+        cfg = copy.deepcopy(ds_config)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        target_engine, *_ = deepspeed.initialize(model=target, config=cfg)
+        return target_engine, ShardedEMA(target_engine.module, engine.module.encoder)
+    target.to(engine.device)
+    return target, PlainEMA(target, engine.module.encoder)
+
+
+class MSNTrainer:
+    """Holds the engine, the target encoder and its EMA, the criterion and the schedules."""
+
+    def __init__(self, engine, target, ema, criterion: MSNLoss, schedules: Schedules,
                  cfg: dict):
         self.engine = engine
         self.target = target
+        self.ema = ema
         self.criterion = criterion
         self.schedules = schedules
         self.mask_ratio = cfg["data"]["patch_drop"]
@@ -174,11 +191,12 @@ class MSNTrainer:
         views = [v.to(device, non_blocking=True) for v in views]
 
         with torch.no_grad():
-            target_z = self.target(views[:1])
-        anchor_z = self.engine([v.to(self.dtype) for v in views[1:]], mask_ratio=self.mask_ratio,
-                               per_sample_mask=self.per_sample_mask,
-                               generator=mask_generator(self.seed, step))
-        loss, stats = self.criterion(anchor_z, target_z, self.model.prototypes, sched["T"])
+            target_z = self.target(views[:1][0].to(next(self.target.parameters()).dtype))
+        anchor_z, prototypes = self.engine([v.to(self.dtype) for v in views[1:]],
+                                           mask_ratio=self.mask_ratio,
+                                           per_sample_mask=self.per_sample_mask,
+                                           generator=mask_generator(self.seed, step))
+        loss, stats = self.criterion(anchor_z, target_z, prototypes, sched["T"])
 
         if not self._all_finite(loss):
             self.nonfinite_run += 1
@@ -196,19 +214,30 @@ class MSNTrainer:
         self.engine.step()
         if want_grad_norm and "grad_norm" not in stats and self.grad_norm() is not None:
             stats["grad_norm"] = torch.tensor(self.grad_norm())
-        ema_update_(self.target.parameters(), self.model.encoder.parameters(), sched["momentum"])
+        self.ema.update(sched["momentum"])
         return StepOutput(loss.detach(), stats, sched, skipped=False)
 
-    def client_state(self, step: int, config_yaml: str) -> dict[str, Any]:
-        """What a resume needs beside DeepSpeed's own state: position, RNG, the fp32 target."""
-        spe = self.schedules.steps_per_epoch
-        return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
-                "world_size": D.world_size(), "config": config_yaml,
-                "rng_torch": torch.get_rng_state(), "target_encoder": self.target.state_dict()}
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.ema, ShardedEMA)
 
-    def load_client_state(self, state: dict[str, Any]) -> int:
+    def client_state(self, step: int, config_yaml: str) -> dict[str, Any]:
+        """What a resume needs beside DeepSpeed's own state: position, RNG and the fp32
+        target (here when whole; per process in :meth:`rank_state` when sharded)."""
+        spe = self.schedules.steps_per_epoch
+        state = {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
+                 "world_size": D.world_size(), "config": config_yaml,
+                 "rng_torch": torch.get_rng_state()}
+        if not self.sharded:
+            state["target_encoder"] = self.ema.state_dict()
+        return state
+
+    def rank_state(self) -> Optional[dict[str, Any]]:
+        return self.ema.state_dict() if self.sharded else None
+
+    def load_client_state(self, state: dict[str, Any], rank_state: Optional[dict] = None) -> int:
         """Restore the target encoder and the RNG; returns the global step to continue from."""
-        self.target.load_state_dict(state["target_encoder"])
+        self.ema.load_state_dict(rank_state if self.sharded else state["target_encoder"])
         torch.set_rng_state(state["rng_torch"])
         return state["step"]
 

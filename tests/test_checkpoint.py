@@ -88,7 +88,7 @@ def test_sigterm_saves_and_exits_zero(demo_root, tmp_path):
         assert f.read() == "global_step3"
 
 
-@pytest.mark.parametrize("ds", ["zero0_fp32.json", "zero1_fp32.json"])
+@pytest.mark.parametrize("ds", ["zero0_fp32.json", "zero1_fp32.json", "zero3_bf16.json"])
 def test_consolidate_loads_into_timm(demo_root, tmp_path, ds):
     folder = str(tmp_path / "run")
     run(args(demo_root, folder, 2, ds))

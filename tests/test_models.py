@@ -117,7 +117,7 @@ def test_param_groups_follow_reference():
     assert "encoder.backbone.blocks.0.attn.qkv.bias" in no_decay
     assert "encoder.backbone.norm.weight" in no_decay
     assert "encoder.head.bn1.weight" in no_decay
-    assert groups["prototypes"]["params"][0] is model.prototypes
+    assert groups["prototypes"]["params"][0] is model.prototypes.weight
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len(list(model.parameters()))
 

@@ -53,6 +53,7 @@ def test_training_lowers_the_loss(demo_root, tmp_path):
 
 @pytest.mark.parametrize("ds_config,launcher", [("zero1_fp32.json", "torchrun"),
                                                 ("zero1_bf16.json", "torchrun"),
+                                                ("zero3_bf16.json", "torchrun"),
                                                 ("zero0_fp32.json", "deepspeed")])
 def test_two_processes(demo_root, tmp_path, ds_config, launcher):
     run = str(tmp_path / "run")

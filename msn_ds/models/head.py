@@ -37,18 +37,31 @@ def init_prototypes(num_proto: int, dim: int, generator: torch.Generator | None 
     return torch.empty(num_proto, dim).uniform_(-bound, bound, generator=generator)
 
 
+class Prototypes(nn.Module):
+    """The K learnable prototype vectors. A module of their own so that ZeRO-3 gathers them
+    around ``forward`` like any layer's weights; ``forward`` returns a fresh tensor, which
+    stays valid after the parameter is re-partitioned."""
+
+    def __init__(self, num_proto: int, dim: int, trainable: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(init_prototypes(num_proto, dim), requires_grad=trainable)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight.clone()
+
+
 class MSNModel(nn.Module):
     """What the optimiser trains: the anchor encoder and the prototypes.
 
-    One module so that a single DeepSpeed engine holds every trained parameter.
+    One module so that a single DeepSpeed engine holds every trained parameter;
+    ``forward`` returns ``(anchor_z, prototypes)``.
     """
 
     def __init__(self, encoder: nn.Module, num_proto: int, output_dim: int,
                  freeze_proto: bool = False):
         super().__init__()
         self.encoder = encoder
-        self.prototypes = nn.Parameter(init_prototypes(num_proto, output_dim),
-                                       requires_grad=not freeze_proto)
+        self.prototypes = Prototypes(num_proto, output_dim, trainable=not freeze_proto)
 
     def forward(self, views, **mask):
-        return self.encoder(views, **mask)
+        return self.encoder(views, **mask), self.prototypes()
