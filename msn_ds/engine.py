@@ -254,10 +254,23 @@ class MSNTrainer:
         return None if norm is None else float(norm)
 
 
+def build_optimizer(groups: list[dict[str, Any]], ds_config: dict) -> torch.optim.Optimizer:
+    """AdamW with the method's groups: DeepSpeedCPUAdam when the optimiser state is offloaded
+    to the CPU (what ZeRO-Offload needs), torch's fused AdamW on CUDA, plain AdamW otherwise.
+    (apex's kernels are not on the package registries; torch's fused AdamW does the same.)"""
+    kw = dict(lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available() or None, **kw)
+
+
 def init_deepspeed(model: MSNModel, ds_config: dict):
-    """Build the DeepSpeed engine with our AdamW and parameter groups."""
+    """Build the DeepSpeed engine with our optimiser and parameter groups."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model), lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = build_optimizer(param_groups(model), ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
