@@ -15,7 +15,7 @@ import torch
 
 from msn_ds import distributed as D
 from msn_ds.checkpoint import (CheckpointError, consolidate, load_training_checkpoint,
-                               save_training_checkpoint)
+                               plan_resume, save_training_checkpoint)
 from msn_ds.config import ConfigError, dump, load_config, train_folder
 from msn_ds.data import GlobalBatchSampler, MultiCropTransform, MultiViewImageFolder, collate_views
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
@@ -79,6 +79,15 @@ def main(argv=None) -> int:
 
     dataset, sampler, loader = build_loader(cfg)
     model, target = build_models(cfg)
+    plan = None
+    if args.resume is not None:  # checked (and converted, at another world size) first
+        try:
+            plan = plan_resume(folder if args.resume == "latest" else args.resume, cfg,
+                               D.world_size(), ds_config)
+        except CheckpointError as e:
+            log.error("cannot resume: %s", e)
+            D.cleanup()
+            return 2
     engine = init_deepspeed(model, ds_config)
     target, ema = init_target(target, engine, ds_config)
     spe = sampler.batches_per_epoch
@@ -95,16 +104,16 @@ def main(argv=None) -> int:
              D.world_size(), total)
 
     step, bad_images = 0, 0
-    if args.resume is not None:
+    if plan is not None:
         try:
-            state, own_state = load_training_checkpoint(
-                engine, folder if args.resume == "latest" else args.resume, cfg, D.world_size())
+            state, rank_states = load_training_checkpoint(engine, plan)
         except CheckpointError as e:
             log.error("cannot resume: %s", e)
             D.cleanup()
             return 2
-        step = trainer.load_client_state(state, own_state)
-        log.info("resumed at step %d (epoch %d, batch %d)", step, step // spe, step % spe)
+        step = trainer.load_client_state(state, rank_states)
+        log.info("resumed at step %d (epoch %d, batch %d) from %s (%d processes)", step,
+                 step // spe, step % spe, plan.where, plan.saved_world_size)
     stop = D.StopRequest()
     last_saved = step
 

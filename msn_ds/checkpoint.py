@@ -17,7 +17,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -125,7 +128,7 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-3 names it zero_pp_rank_0_mp
 # keys that must agree between a checkpoint and the run that resumes it
 RESUME_KEYS = [("meta", "model_name"), ("meta", "hidden_dim"), ("meta", "output_dim"),
                ("meta", "use_bn"), ("criterion", "num_proto"), ("data", "rand_size"),
-               ("criterion", "batch_size"), ("meta", "seed")]
+               ("meta", "seed")]
 
 
 class CheckpointError(RuntimeError):
@@ -202,6 +205,7 @@ def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
         shutil.rmtree(stale, ignore_errors=True)
         for _, old in complete_tags(folder)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(folder, old + ".universal"), ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return os.path.join(folder, tag)
@@ -241,6 +245,9 @@ def read_model_states(load_dir: str, tag: str) -> dict:
 
 
 def check_compatible(state: dict, cfg: dict, world_size: int, where: str) -> None:
+    """The model, the seed and the *global* batch must match: with the global batch fixed, a
+    step means the same images at any world size, so the schedules and the data order carry
+    over when the number of processes changes."""
     import yaml
 
     saved = yaml.safe_load(state["config"])
@@ -248,35 +255,82 @@ def check_compatible(state: dict, cfg: dict, world_size: int, where: str) -> Non
         if saved[section][key] != cfg[section][key]:
             raise CheckpointError(f"{where}: saved with {section}.{key}={saved[section][key]!r}, "
                                   f"this run has {cfg[section][key]!r}")
-    if state["world_size"] != world_size:
-        raise CheckpointError(f"{where}: saved by {state['world_size']} processes, this run has "
-                              f"{world_size}; resuming at another world size is not supported yet")
+    old = saved["criterion"]["batch_size"] * state["world_size"]
+    new = cfg["criterion"]["batch_size"] * world_size
+    if old != new:
+        raise CheckpointError(
+            f"{where}: saved with a global batch of {old} ({state['world_size']} processes x "
+            f"{saved['criterion']['batch_size']}); this run has {new} ({world_size} x "
+            f"{cfg['criterion']['batch_size']}): set criterion.batch_size={old // world_size}"
+            if old % world_size == 0 else f"{where}: global batch {old} cannot be split over "
+            f"{world_size} processes")
 
 
-def load_training_checkpoint(engine, path: str, cfg: dict, world_size: int
-                             ) -> tuple[dict, Optional[dict]]:
-    """Restore the engine (weights, optimiser); return our client state and this process's
-    own state (the target's slices under ZeRO-3), if it saved one."""
+@dataclass
+class ResumePlan:
+    load_dir: str
+    tag: str
+    state: dict  # our client state
+    saved_world_size: int
+
+    @property
+    def where(self) -> str:
+        return os.path.join(self.load_dir, self.tag)
+
+
+def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> ResumePlan:
+    """Find and check the checkpoint before the engine exists. At another world size a ZeRO
+    checkpoint is first converted to DeepSpeed's universal format (rank 0, once; every
+    process waits) and ``ds_config`` is told to load it."""
+    from .distributed import barrier, is_main
+
     load_dir, tag = find_checkpoint(path)
     where = os.path.join(load_dir, tag)
     state = read_model_states(load_dir, tag)["msn"]
     check_compatible(state, cfg, world_size, where)
+    plan = ResumePlan(load_dir, tag, state, state["world_size"])
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if state["world_size"] == world_size or stage == 0:
+        return plan  # a ZeRO-0 checkpoint holds whole tensors: any world size loads it
+    universal = where + ".universal"
+    if is_main() and not model_states_file(universal):
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               where, "--output_folder", universal + ".tmp", "--inject_missing_state"]
+        shutil.rmtree(universal + ".tmp", ignore_errors=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise CheckpointError(f"{where}: conversion to the universal format for "
+                                  f"{world_size} processes failed: {r.stderr[-2000:]}")
+        os.replace(universal + ".tmp", universal)
+    barrier()
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    plan.tag = os.path.basename(universal)
+    return plan
+
+
+def load_training_checkpoint(engine, plan: ResumePlan) -> tuple[dict, list[dict]]:
+    """Restore the engine (weights, optimiser); return our client state and the per-process
+    states saved beside it (the target's slices under ZeRO-3): this process's own when the
+    world size is unchanged, every process's otherwise (to be re-sliced)."""
+    from .distributed import rank, world_size
+
     try:
-        loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+        loaded, _ = engine.load_checkpoint(plan.load_dir, tag=plan.tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
     except Exception as e:
-        raise CheckpointError(f"{where}: DeepSpeed could not load it ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{plan.where}: DeepSpeed could not load it "
+                              f"({type(e).__name__}: {e})") from None
     if loaded is None:
-        raise CheckpointError(f"{where}: DeepSpeed found nothing to load")
-    from .distributed import rank
-
-    own = os.path.join(where, rank_file(rank()))
-    if not os.path.isfile(own):
-        return state, None
+        raise CheckpointError(f"{plan.where}: DeepSpeed found nothing to load")
+    original = plan.where[:-len(".universal")] if plan.tag.endswith(".universal") else plan.where
+    ranks = [rank()] if plan.saved_world_size == world_size() else range(plan.saved_world_size)
+    files = [os.path.join(original, rank_file(r)) for r in ranks]
+    if not os.path.isfile(files[0]):
+        return plan.state, []
     try:
-        return state, torch.load(own, map_location="cpu", weights_only=True)
+        return plan.state, [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     except Exception as e:
-        raise CheckpointError(f"{own}: unreadable or truncated ({e})") from None
+        raise CheckpointError(f"{original}: unreadable per-process state ({e})") from None
 
 
 def consolidate(path: str, out: str) -> dict[str, str]:

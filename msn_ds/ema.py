@@ -94,6 +94,19 @@ class ShardedEMA:
                 "slices": [s.clone() for s in self.slices],
                 "buffers": {k: v.clone() for k, v in self.module.named_buffers()}}
 
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Re-slice whole fp32 parameters (and buffers) for this process: resuming at
+        another world size."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for name, s in zip(self.names, self.slices):
+            s.copy_(slice_for_rank(full[name], s.numel(), rank))
+        buffers = dict(self.module.named_buffers())
+        for k, v in buffers.items():
+            v.copy_(full[k])
+        self._write()
+
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names:
             raise ValueError("saved target slices do not match this target encoder")
@@ -103,6 +116,13 @@ class ShardedEMA:
         for k, v in state["buffers"].items():
             buffers[k].copy_(v)
         self._write()
+
+
+def slice_for_rank(full: torch.Tensor, part: int, rank: int) -> torch.Tensor:
+    """ZeRO-3's partition of a flattened parameter: padded to world x part, rank's piece."""
+    flat = full.flatten()
+    flat = torch.nn.functional.pad(flat, (0, max(0, part * (rank + 1) - flat.numel())))
+    return flat[rank * part:(rank + 1) * part]
 
 
 def assemble_slices(rank_states: list[dict]) -> dict[str, torch.Tensor]:

@@ -235,9 +235,18 @@ class MSNTrainer:
     def rank_state(self) -> Optional[dict[str, Any]]:
         return self.ema.state_dict() if self.sharded else None
 
-    def load_client_state(self, state: dict[str, Any], rank_state: Optional[dict] = None) -> int:
-        """Restore the target encoder and the RNG; returns the global step to continue from."""
-        self.ema.load_state_dict(rank_state if self.sharded else state["target_encoder"])
+    def load_client_state(self, state: dict[str, Any], rank_states: list[dict]) -> int:
+        """Restore the target encoder and the RNG; returns the global step to continue from.
+        ``rank_states``: this process's saved slices, or every process's when the world size
+        changed (then re-sliced)."""
+        if not self.sharded:
+            self.ema.load_state_dict(state["target_encoder"])
+        elif len(rank_states) == 1 and D.world_size() == state["world_size"]:
+            self.ema.load_state_dict(rank_states[0])
+        else:
+            from .ema import assemble_slices
+
+            self.ema.load_full(assemble_slices(rank_states))
         torch.set_rng_state(state["rng_torch"])
         return state["step"]
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from msn_ds.config import ConfigError, load_config
@@ -76,6 +77,9 @@ def test_ds_config_single_source_of_truth():
         resolve_ds_config({"train_micro_batch_size_per_gpu": 16}, cfg, 4, "x.json")
     with pytest.raises(ConfigError, match=r"gradient_clipping=1.0 contradicts optimization\.clip_grad=3"):
         resolve_ds_config({"gradient_clipping": 1.0}, cfg, 4, "x.json")
+    if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator has no fp16
+        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+            resolve_ds_config({"fp16": {"enabled": True}}, cfg, 4, "x.json")
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=2"):
         resolve_ds_config({"gradient_accumulation_steps": 2}, cfg, 4, "x.json")
 
