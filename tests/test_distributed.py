@@ -85,6 +85,7 @@ def test_two_process_loss_equals_one_process(tmp_path, sinkhorn, eps):
 def test_rank_discovery_from_slurm(monkeypatch):
     from msn_ds import distributed as D
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # setup_env writes: keep it local
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")
@@ -99,6 +100,7 @@ def test_rank_discovery_from_slurm(monkeypatch):
 def test_one_process_defaults_to_a_free_port(monkeypatch):
     from msn_ds import distributed as D
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # setup_env writes: keep it local
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     D.setup_env()
