@@ -9,14 +9,21 @@ patch embedding, position-embedding resampling and blocks are exactly the traini
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import hashlib
+import json
+import logging
+import os
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from msn_ds.models import MSNEncoder
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -30,15 +37,19 @@ def without_final_norm(encoder: MSNEncoder) -> Iterator[MSNEncoder]:
         encoder.backbone.norm = norm
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=False)
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
+            desc: str = "features"):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=False)
+    # A progress bar on a terminal only: logs of batch jobs stay readable.
+    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
 
 
 @torch.inference_mode()
 def extract_features(encoder: MSNEncoder, dataset: Dataset, batch_size: int = 256,
                      device: str | torch.device = "cpu", before_norm: bool = True,
-                     num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     num_workers: int = 0, desc: str = "features"
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """``(features [N, D] float32, labels [N] int64)``: the class token of the last block,
     in dataset order, with the encoder frozen (eval mode, no grad; bf16 autocast on CUDA)."""
     device = torch.device(device)
@@ -49,7 +60,7 @@ def extract_features(encoder: MSNEncoder, dataset: Dataset, batch_size: int = 25
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
         with norm_ctx, autocast:
-            for x, y in _loader(dataset, batch_size, num_workers, device):
+            for x, y in _loader(dataset, batch_size, num_workers, device, desc):
                 h = encoder.tokens(x.to(device, non_blocking=True))[:, 0]
                 feats.append(h.float().cpu())
                 labels.append(torch.as_tensor(y))
@@ -58,12 +69,115 @@ def extract_features(encoder: MSNEncoder, dataset: Dataset, batch_size: int = 25
     return torch.cat(feats).numpy(), torch.cat(labels).long().numpy()
 
 
-def pixel_features(dataset: Dataset, batch_size: int = 256,
-                   num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pixel_features(dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
+                   desc: str = "pixels") -> tuple[np.ndarray, np.ndarray]:
     """``(flattened images [N, C*H*W] float32, labels [N])``: the no-learning floor that any
     representation has to beat under the same classifier."""
     feats, labels = [], []
-    for x, y in _loader(dataset, batch_size, num_workers, torch.device("cpu")):
+    for x, y in _loader(dataset, batch_size, num_workers, torch.device("cpu"), desc):
         feats.append(x.flatten(1).float())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats).numpy(), torch.cat(labels).long().numpy()
+
+
+def encoder_fingerprint(encoder: Optional[MSNEncoder], before_norm: bool = True) -> str:
+    """sha256 over the backbone (what the features depend on): its class, the feature tap
+    and every tensor of its state. The same weights give the same key however they were
+    loaded (our file, an imported reference file, a checkpoint); any changed weight gives
+    another."""
+    h = hashlib.sha256()
+    if encoder is None:
+        h.update(b"pixels")
+        return h.hexdigest()
+    h.update(f"{type(encoder.backbone).__name__}|before_norm={before_norm}".encode())
+    for name, t in sorted(encoder.backbone.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 over the image list (path, label, size, mtime) and the transform's description:
+    a changed crop, resize, subset or re-written image gives another key."""
+    h = hashlib.sha256(repr(getattr(dataset, "transform", None)).encode())
+    root = os.path.abspath(getattr(dataset, "root", ""))
+    h.update(root.encode())
+    for path, label in dataset.samples:
+        st = os.stat(path)
+        h.update(f"\n{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Features keyed by (weights, images, transform): extracted once, reused across lambda
+    values, subset splits and, with a ``folder``, later runs.
+
+    Entries are ``.npz`` files (numpy arrays only; loaded with ``allow_pickle=False``)
+    written to a temporary name and renamed, so an interrupted run leaves no half entry.
+    Without a folder the cache lives in memory for the life of the object.
+    """
+
+    def __init__(self, folder: Optional[str] = None):
+        self.folder = folder
+        self._memory: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.hits = self.misses = 0
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+
+    @staticmethod
+    def key(encoder_key: str, dataset) -> str:
+        return hashlib.sha256(f"{encoder_key}|{dataset_fingerprint(dataset)}".encode()
+                              ).hexdigest()[:32]
+
+    def get(self, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
+            info: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+        if key in self._memory:
+            self.hits += 1
+            return self._memory[key]
+        path = os.path.join(self.folder, f"{key}.npz") if self.folder else None
+        if path and os.path.exists(path):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    value = (z["x"], z["y"])
+                self.hits += 1
+                self._memory[key] = value
+                log.info("features from cache %s", path)
+                return value
+            except (OSError, ValueError, KeyError) as e:  # unreadable entry: recompute
+                log.warning("ignoring unreadable feature cache entry %s: %s", path, e)
+        self.misses += 1
+        value = compute()
+        self._memory[key] = value
+        if path:
+            tmp = f"{path}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, x=value[0], y=value[1])
+            os.replace(tmp, path)
+            with open(f"{path[:-4]}.json", "w") as f:
+                json.dump(info or {}, f, indent=1)
+        return value
+
+
+def dataset_features(encoder: Optional[MSNEncoder], dataset, *, pixels: bool = False,
+                     before_norm: bool = True, batch_size: int = 256,
+                     device: str | torch.device = "cpu", num_workers: int = 0,
+                     cache: Optional[FeatureCache] = None, encoder_key: Optional[str] = None,
+                     desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """``(features, labels)`` numpy: raw pixels or the encoder's class token, through
+    ``cache`` when given (``encoder_key`` saves re-hashing the weights for every dataset)."""
+    pixels = pixels or encoder is None
+
+    def compute():
+        if pixels:
+            return pixel_features(dataset, batch_size, num_workers, desc)
+        return extract_features(encoder, dataset, batch_size, device, before_norm, num_workers,
+                                desc)
+
+    if cache is None:
+        return compute()
+    enc_key = encoder_key or encoder_fingerprint(None if pixels else encoder, before_norm)
+    info = {"root": os.path.abspath(getattr(dataset, "root", "")), "images": len(dataset),
+            "transform": repr(getattr(dataset, "transform", None)), "encoder": enc_key,
+            "representation": "pixels" if pixels else
+            ("before_norm" if before_norm else "after_norm")}
+    return cache.get(FeatureCache.key(enc_key, dataset), compute, info)

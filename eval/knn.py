@@ -16,8 +16,6 @@ line), test is all of ``ROOT/val``. Features are the class token before the fina
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 from typing import Optional
@@ -28,8 +26,10 @@ import torch.nn.functional as F
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
 
-from .features import extract_features, pixel_features
+from .features import FeatureCache, dataset_features, encoder_fingerprint
 from .logistic import pixel_transform
+from .report import (add_source_args, build_source, representation, sha256_file,  # noqa: F401
+                     write_json, write_scalars)
 
 
 def knn_classify(train_x, train_y, test_x, k: int = 20, temperature: float = 0.07,
@@ -81,14 +81,6 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     return topk_accuracy(scores, test_y)
 
 
-def sha256_file(path: str, chars: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:chars]
-
-
 def load_datasets(root: str, transform, subset: Optional[str] = None):
     """``(train, val)`` ImageFolders of ``root`` with this transform; checks the classes agree."""
     train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
@@ -100,33 +92,23 @@ def load_datasets(root: str, transform, subset: Optional[str] = None):
     return train_ds, test_ds
 
 
-def dataset_features(encoder: Optional[MSNEncoder], dataset, *, pixels: bool = False,
-                     before_norm: bool = True, batch_size: int = 256,
-                     device: str | torch.device = "cpu", num_workers: int = 0):
-    """``(features, labels)`` numpy: raw pixels or the encoder's class token."""
-    if pixels or encoder is None:
-        return pixel_features(dataset, batch_size, num_workers)
-    return extract_features(encoder, dataset, batch_size, device, before_norm, num_workers)
-
-
-def representation(pixels: bool, before_norm: bool) -> str:
-    return "pixels" if pixels else ("before_norm" if before_norm else "after_norm")
-
-
 def run_knn(encoder: Optional[MSNEncoder], root: str, k: int = 20, temperature: float = 0.07,
             crop: int = 224, resize: int = 256, subset: Optional[str] = None,
             before_norm: bool = True, pixels: bool = False, *, batch_size: int = 256,
             device: Optional[str] = None, num_workers: int = 0,
-            pixel_size: Optional[int] = None, chunk: int = 1024) -> dict:
+            pixel_size: Optional[int] = None, chunk: int = 1024,
+            cache: Optional[FeatureCache] = None) -> dict:
     """k-NN evaluation of ``encoder`` (or raw pixels) on ``root``; a JSON-ready dict."""
     pixels = pixels or encoder is None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     transform = pixel_transform(pixel_size) if pixels else eval_transform(crop, resize)
     train_ds, test_ds = load_datasets(root, transform, subset)
     kw = dict(pixels=pixels, before_norm=before_norm, batch_size=batch_size, device=device,
-              num_workers=num_workers)
-    train_x, train_y = dataset_features(encoder, train_ds, **kw)
-    test_x, test_y = dataset_features(encoder, test_ds, **kw)
+              num_workers=num_workers, cache=cache)
+    if cache is not None:
+        kw["encoder_key"] = encoder_fingerprint(None if pixels else encoder, before_norm)
+    train_x, train_y = dataset_features(encoder, train_ds, desc="train", **kw)
+    test_x, test_y = dataset_features(encoder, test_ds, desc="val", **kw)
     acc = knn_accuracy(torch.as_tensor(train_x).to(device), train_y, test_x, test_y, k,
                        temperature, len(train_ds.classes), chunk)
     return {"protocol": "knn", "representation": representation(pixels, before_norm),
@@ -145,58 +127,11 @@ def format_table(result: dict, title: str = "") -> str:
                       f"{result['top1']:>8.2f}{result['top5']:>8.2f}"])
 
 
-def add_source_args(p: argparse.ArgumentParser) -> None:
-    """The ``--weights | --random-init | --pixels`` group and the feature options, shared
-    with :mod:`eval.linear`."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="safetensors weights file (msn_ds.checkpoint)")
-    src.add_argument("--random-init", metavar="ARCH", help="untrained encoder of this arch")
-    src.add_argument("--pixels", action="store_true",
-                     help="raw pixels in [0, 1], the floor baseline (ignores --crop/--resize)")
-    p.add_argument("--root", required=True, help="dataset root holding train/ and val/")
-    p.add_argument("--subset", default=None, help="restrict ROOT/train to this subset file")
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--feature-batch-size", type=int, default=256,
-                   help="images per forward pass when extracting features")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--after-norm", action="store_true",
-                   help="class token after the final LayerNorm (default: before)")
-    p.add_argument("--pixel-size", type=int, default=None,
-                   help="with --pixels: resize/crop to this size (default: native size)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-init")
-    p.add_argument("--json", help="write the results here")
-
-
-def build_source(args, device) -> tuple[Optional[MSNEncoder], dict]:
-    """The encoder named by the source arguments (None for pixels) and its JSON description."""
-    if args.weights:
-        from msn_ds.checkpoint import load_encoder
-
-        encoder, meta = load_encoder(args.weights, device)
-        return encoder, {"source": args.weights, "weights": os.path.abspath(args.weights),
-                         "weights_sha256": sha256_file(args.weights), "arch": meta.get("arch"),
-                         "step": meta.get("step"), "epoch": meta.get("epoch")}
-    if args.random_init:
-        torch.manual_seed(args.seed)
-        encoder = MSNEncoder(args.random_init, img_size=args.crop).to(device).eval()
-        return encoder, {"source": f"random init {args.random_init} (seed {args.seed})",
-                         "arch": args.random_init, "init_seed": args.seed}
-    return None, {"source": "pixels"}
-
-
-def write_json(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.knn", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
+    p.add_argument("--subset", default=None, help="restrict ROOT/train to this subset file")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--chunk", type=int, default=1024, help="test rows per similarity block")
@@ -212,7 +147,7 @@ def main(argv=None) -> int:
                          args.subset, before_norm=not args.after_norm, pixels=args.pixels,
                          batch_size=args.feature_batch_size, device=device,
                          num_workers=args.num_workers, pixel_size=args.pixel_size,
-                         chunk=args.chunk)
+                         chunk=args.chunk, cache=FeatureCache(args.cache_dir))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,6 +155,10 @@ def main(argv=None) -> int:
     print(format_table(result, source["source"]))
     if args.json:
         write_json(args.json, result)
+    if args.run_dir:
+        print("TensorBoard:", write_scalars(args.run_dir, {"eval/knn_top1": result["top1"],
+                                                          "eval/knn_top5": result["top5"]},
+                                            source.get("step")))
     return 0
 
 

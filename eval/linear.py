@@ -4,7 +4,8 @@ The paper trains a linear layer on the frozen class token with SGD + Nesterov mo
 batch 16384, lr 6.4 for 100 epochs. Here:
 
 * features (class token before the final LayerNorm, ``--after-norm`` for after, or raw
-  pixels with ``--pixels``) are **extracted once** and cached, with the eval transform
+  pixels with ``--pixels``) are **extracted once** and kept (in memory; with ``--cache-dir``
+  on disk too, shared with :mod:`eval.logistic` and :mod:`eval.knn`), with the eval transform
   (resize, centre crop). The paper's training augmentation (random resized crop +
   horizontal flip) is optional, ``--augment``: it re-extracts the train features every epoch
   (a forward pass of the frozen encoder over the train set per epoch), which is what makes
@@ -51,8 +52,9 @@ from torchvision.transforms import v2
 
 from msn_ds.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
-from .knn import (add_source_args, build_source, dataset_features, load_datasets,
-                  representation, topk_accuracy, write_json)
+from .features import FeatureCache, dataset_features, encoder_fingerprint
+from .knn import load_datasets, topk_accuracy
+from .report import add_source_args, build_source, representation, write_json, write_scalars
 from .logistic import pixel_transform
 
 REFERENCE_BATCH = 16384
@@ -237,6 +239,30 @@ def sharded_features(dataset, rows: Optional[torch.Tensor] = None, gather: bool 
     return full.numpy()
 
 
+def cached_features(cache: Optional[FeatureCache], encoder_key: str, dataset, **kw):
+    """:func:`sharded_features` of the whole ``dataset`` through ``cache``. Every process
+    must take the same branch (extraction is collective), so a disk entry is used only
+    when every process can read it."""
+    if cache is None:
+        return sharded_features(dataset, **kw)
+    key = FeatureCache.key(encoder_key, dataset)
+    _, world_size = world()
+    if world_size > 1:
+        have = cache.folder is not None and os.path.exists(os.path.join(cache.folder, f"{key}.npz"))
+        flag = torch.tensor([float(have)])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item():
+            x = sharded_features(dataset, **kw)
+            if world()[0] == 0:  # the one writer; the others keep theirs in memory
+                cache.get(key, lambda: (x, np.asarray(dataset.targets, np.int64)))
+            dist.barrier()
+            return x
+    return cache.get(key, lambda: (sharded_features(dataset, **kw),
+                                   np.asarray(dataset.targets, np.int64)))[0]
+
+
 def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384,
                base_lr: float = 6.4, momentum: float = 0.9, weight_decay: float = 0.0,
                crop: int = 224, resize: int = 256, subset: Optional[str] = None,
@@ -244,7 +270,8 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
                seed: int = 0, out: Optional[str] = None, resume: bool = False,
                stop_after: Optional[int] = None, feature_batch_size: int = 256,
                device: Optional[str] = None, num_workers: int = 0,
-               pixel_size: Optional[int] = None, log=None) -> dict:
+               pixel_size: Optional[int] = None, log=None,
+               cache: Optional[FeatureCache] = None) -> dict:
     """Linear evaluation of ``encoder`` (or raw pixels) on ``root``; a JSON-ready dict."""
     pixels = pixels or encoder is None
     if augment and pixels:
@@ -266,9 +293,10 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
                 torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
                 return sharded_features(aug_ds, rows, gather=False, **kw)
         feature_fn = augmented
-    else:
-        train_x = sharded_features(train_ds, **kw)
-    test_x = sharded_features(test_ds, **kw)
+    enc_key = encoder_fingerprint(None if pixels else encoder, before_norm) if cache else ""
+    if not augment:
+        train_x = cached_features(cache, enc_key, train_ds, **kw)
+    test_x = cached_features(cache, enc_key, test_ds, **kw)
     test_y = np.asarray(test_ds.targets, dtype=np.int64)
     model, last = train_linear(train_x, train_y, len(train_ds.classes), epochs=epochs,
                                batch_size=batch_size, base_lr=base_lr, momentum=momentum,
@@ -304,6 +332,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.linear", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
+    p.add_argument("--subset", default=None, help="restrict ROOT/train to this subset file "
+                                                  "(e.g. 1 %% of ImageNet)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=REFERENCE_BATCH,
                    help="global batch (all processes together)")
@@ -344,7 +374,8 @@ def main(argv=None) -> int:
                             pixels=args.pixels, augment=args.augment, seed=args.train_seed,
                             out=args.out, resume=args.resume, stop_after=args.stop_after,
                             feature_batch_size=args.feature_batch_size, device=device,
-                            num_workers=args.num_workers, pixel_size=args.pixel_size, log=log)
+                            num_workers=args.num_workers, pixel_size=args.pixel_size, log=log,
+                            cache=FeatureCache(args.cache_dir) if args.cache_dir else None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if distributed:
@@ -355,6 +386,10 @@ def main(argv=None) -> int:
         print(format_table(result, source["source"]))
         if args.json:
             write_json(args.json, result)
+        if args.run_dir:
+            print("TensorBoard:", write_scalars(args.run_dir, {
+                "eval/linear_top1": result["top1"], "eval/linear_top5": result["top5"]},
+                source.get("step")))
     if distributed:
         dist.destroy_process_group()
     return 0

@@ -16,13 +16,16 @@ The reference (``logistic_eval.py``) does, for a labelled subset of the train se
    ``tol=1e-3`` duality gap, so the two agree up to cyanure's own tolerance.
 3. top-1 accuracy on the whole val set.
 
+Features are extracted once per (weights, images, transform) and reused for every subset
+and every ``--lambd`` value (several may be given); ``--cache-dir`` keeps them on disk for
+later runs.
+
     python -m eval.logistic --weights runs/x/weights.safetensors --root data/mnist_demo \
         --subsets data/mnist_demo/subsets/1imgs_class_split*.txt --crop 32 --resize 32
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -36,7 +39,8 @@ from torchvision.transforms import v2
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
 
-from .features import extract_features, pixel_features
+from .features import FeatureCache, dataset_features, encoder_fingerprint
+from .report import add_source_args, build_source, representation, write_json, write_scalars
 
 CENTERING = ("sample", "train", "none")
 
@@ -106,20 +110,26 @@ def fit_logistic(train_x, train_y, num_classes: int, lambd: float, max_iter: int
 
 def _cyanure_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                      lambd: float) -> np.ndarray:
-    """The reference's own solver, when ``cyanure`` is installed (not required)."""
-    import cyanure as cyan
+    """The reference's own solver, when ``cyanure`` is installed (not required).
 
-    train_x = np.ascontiguousarray(train_x, np.float32)
-    test_x = np.ascontiguousarray(test_x, np.float32)
+    One thread: cyanure's OpenMP runtime and torch's MKL in one process deadlock in the next
+    torch QR once cyanure has run multi-threaded (seen with cyanure 1.2.2, torch 2.14)."""
+    train_x = np.ascontiguousarray(train_x, np.float64)
+    test_x = np.ascontiguousarray(test_x, np.float64)
     train_y = np.asarray(train_y, np.int64)
-    try:  # cyanure >= 0.3: scikit-learn style estimator
-        clf = cyan.MultiClassifier(loss="multiclass-logistic", penalty="l2", lambda_1=lambd,
-                                   fit_intercept=False, tol=1e-3, max_iter=300)
-        clf.fit(train_x, train_y)
-    except TypeError:  # the API logistic_eval.py was written against
+    try:  # cyanure >= 1.0: scikit-learn style estimator, same objective
+        from cyanure.estimators import Classifier
+    except ImportError:  # the API logistic_eval.py was written against (cyanure 0.2)
+        import cyanure as cyan
+
         clf = cyan.MultiClassifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False)
-        clf.fit(train_x, train_y, it0=10, lambd=lambd, lambd2=lambd, nthreads=-1, tol=1e-3,
+        clf.fit(train_x, train_y, it0=10, lambd=lambd, lambd2=lambd, nthreads=1, tol=1e-3,
                 solver="auto", seed=0, max_epochs=300)
+    else:
+        clf = Classifier(loss="multiclass-logistic", penalty="l2", lambda_1=lambd,
+                         fit_intercept=False, tol=1e-3, max_iter=300, verbose=False,
+                         random_state=0, n_threads=1)
+        clf.fit(train_x, train_y)
     return np.asarray(clf.predict(test_x)).astype(np.int64)
 
 
@@ -173,12 +183,14 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
                 lambd: float = 0.0025, crop: int = 224, resize: int = 256,
                 before_norm: bool = True, pixels: bool = False, *, batch_size: int = 256,
                 device: Optional[str] = None, num_workers: int = 0, centering: str = "sample",
-                solver: str = "lbfgs", pixel_size: Optional[int] = None) -> dict:
+                solver: str = "lbfgs", pixel_size: Optional[int] = None,
+                cache: Optional[FeatureCache] = None) -> dict:
     """Train on ``root/train`` restricted to each subset file, test on all of ``root/val``.
 
     Features of the union of the subsets' images are extracted once and indexed per subset
     (a 1 % ImageNet run does not embed all 1.28 M training images). ``encoder=None`` or
-    ``pixels=True`` evaluates raw pixels instead.
+    ``pixels=True`` evaluates raw pixels instead. Pass one ``cache`` to several calls (other
+    ``lambd``, other splits) to extract the features only once.
     """
     pixels = pixels or encoder is None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,14 +216,13 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
     train_ds.targets = [y for _, y in train_ds.samples]
     row = {w: i for i, w in enumerate(wanted)}
 
-    def features(ds):
-        if pixels:
-            return pixel_features(ds, batch_size, num_workers)
-        return extract_features(encoder, ds, batch_size, device, before_norm, num_workers)
-
-    train_x, train_y = features(train_ds)
-    test_x, test_y = features(test_ds)
-    rep = "pixels" if pixels else ("before_norm" if before_norm else "after_norm")
+    kw = dict(pixels=pixels, before_norm=before_norm, batch_size=batch_size, device=device,
+              num_workers=num_workers, cache=cache)
+    if cache is not None:
+        kw["encoder_key"] = encoder_fingerprint(None if pixels else encoder, before_norm)
+    train_x, train_y = dataset_features(encoder, train_ds, desc="train", **kw)
+    test_x, test_y = dataset_features(encoder, test_ds, desc="val", **kw)
+    rep = representation(pixels, before_norm)
     solve_device = device if solver == "lbfgs" else None
 
     splits, groups = [], {}
@@ -226,8 +237,10 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
     summary = {g: {"mean": float(np.mean(a)), "splits": len(a), "top1": a,
                    "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0}  # across splits
                for g, a in groups.items()}
-    return {"representation": rep, "feature_dim": int(train_x.shape[1]), "lambd": lambd,
-            "centering": centering, "solver": solver, "crop": crop, "resize": resize,
+    return {"protocol": "logistic", "representation": rep, "feature_dim": int(train_x.shape[1]),
+            "lambd": lambd, "centering": centering, "solver": solver, "crop": crop,
+            "resize": resize, "pixel_size": pixel_size if pixels else None,
+            "root": os.path.abspath(root),
             "num_classes": len(train_ds.classes), "num_test": int(len(test_y)),
             "num_train_extracted": int(len(train_y)), "splits": splits, "groups": summary}
 
@@ -248,64 +261,48 @@ def format_table(result: dict, title: str = "") -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.logistic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="safetensors weights file (msn_ds.checkpoint)")
-    src.add_argument("--random-init", metavar="ARCH", help="untrained encoder of this arch")
-    src.add_argument("--pixels", action="store_true",
-                     help="raw pixels in [0, 1], the floor baseline (ignores --crop/--resize)")
-    p.add_argument("--root", required=True, help="dataset root holding train/ and val/")
+    add_source_args(p)
     p.add_argument("--subsets", nargs="+", required=True, help="subset files (class_dir/file)")
-    p.add_argument("--lambd", type=float, default=0.0025,
-                   help="L2 weight before division by n (README 0.0025; argparse default 0.00025)")
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--after-norm", action="store_true",
-                   help="class token after the final LayerNorm (reference: before)")
+    p.add_argument("--lambd", type=float, nargs="+", default=[0.0025],
+                   help="L2 weight before division by n (README 0.0025 for 1-5 images per "
+                        "class, 0.075 for 1 %%); several values reuse the same features")
     p.add_argument("--centering", choices=CENTERING, default="sample",
                    help="sample: the reference's per-vector centring (default)")
     p.add_argument("--solver", choices=("lbfgs", "cyanure"), default="lbfgs")
-    p.add_argument("--pixel-size", type=int, default=None,
-                   help="with --pixels: resize/crop to this size (default: native size)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-init")
-    p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.solver == "cyanure" and not cyanure_available():
-        print("error: --solver cyanure needs the cyanure package", file=sys.stderr)
+        print("error: --solver cyanure needs the cyanure package (pip install cyanure)",
+              file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder, source = None, "baseline"
+    cache = FeatureCache(args.cache_dir)
+    results = []
     try:
-        if args.weights:
-            from msn_ds.checkpoint import load_encoder
-
-            encoder, _ = load_encoder(args.weights, device)
-            source = args.weights
-        elif args.random_init:
-            torch.manual_seed(args.seed)
-            encoder = MSNEncoder(args.random_init, img_size=args.crop).to(device).eval()
-            source = f"random init {args.random_init} (seed {args.seed})"
-        result = run_fewshot(encoder, args.root, args.subsets, args.lambd, args.crop, args.resize,
-                             before_norm=not args.after_norm, pixels=args.pixels,
-                             batch_size=args.batch_size, device=device,
-                             num_workers=args.num_workers, centering=args.centering,
-                             solver=args.solver, pixel_size=args.pixel_size)
+        encoder, source = build_source(args, device)
+        for lambd in args.lambd:
+            result = run_fewshot(encoder, args.root, args.subsets, lambd, args.crop,
+                                 args.resize, before_norm=not args.after_norm,
+                                 pixels=args.pixels, batch_size=args.feature_batch_size,
+                                 device=device, num_workers=args.num_workers,
+                                 centering=args.centering, solver=args.solver,
+                                 pixel_size=args.pixel_size, cache=cache)
+            result.update(source)
+            print(format_table(result, source["source"]))
+            results.append(result)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result["source"] = source
-    print(format_table(result, source))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, results[0] if len(results) == 1 else {"sweep": results})
+    if args.run_dir:
+        scalars = {f"eval/fewshot_{g}_top1" + (f"_lambd{r['lambd']:g}" if len(results) > 1
+                                                else ""): s["mean"]
+                   for r in results for g, s in r["groups"].items()}
+        print("TensorBoard:", write_scalars(args.run_dir, scalars, source.get("step")))
     return 0
 
 

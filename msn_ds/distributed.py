@@ -73,6 +73,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def comm_device() -> torch.device:
+    """Where a tensor for a collective must live: the GPU under nccl, the CPU under gloo."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     """In-place sum over processes (no autograd)."""
     if world_size() > 1:
@@ -142,8 +149,10 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 class StopRequest:
     """SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit warnings) set a flag; the
-    training loop asks ``agreed()`` at each step boundary, so that every process saves and
-    stops at the same step."""
+    training loop asks ``agreed(step)`` at each step boundary, so that every process saves and
+    stops at the same step. With several processes the flags are reduced only every
+    ``every`` steps: the reduction waits for the device, and a scheduler's grace period
+    (minutes) is far longer than a few steps."""
 
     def __init__(self, signals=("SIGTERM", "SIGUSR1")):
         import signal
@@ -160,8 +169,11 @@ class StopRequest:
         self.flag = True
         self.received = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.flag else 0.0])
-        if world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def agreed(self, step: int = 0, every: int = 10) -> bool:
+        if world_size() == 1:
+            return self.flag
+        if step % every:
+            return False
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

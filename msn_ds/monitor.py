@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import time
 from typing import Optional
 
 import torch
 
 from . import distributed as D
+from .flops import mfu
 
 log = logging.getLogger("msn_ds")
 
@@ -27,14 +29,28 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def peak_memory_gib(device: Optional[torch.device] = None) -> float:
+    """Peak memory of this process: allocated on the GPU, or resident on the CPU."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Monitor:
     """Averages step statistics over the log interval and across processes, then prints a
     progress line and writes TensorBoard scalars. Statistics stay on the device between log
-    intervals, so the step never waits on the host for them."""
+    intervals, so the step never waits on the host for them.
+
+    Performance scalars: images/s (global), MFU (with ``flops_per_image`` and the device's
+    ``peak_flops``), peak memory and the fraction of wall time the loop spent waiting for
+    the loader (``data_wait`` seconds passed to :meth:`update`)."""
 
     def __init__(self, folder: str, total_steps: int, global_batch: int, log_every: int,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, flops_per_image: Optional[float] = None,
+                 peak_flops: Optional[float] = None, device: Optional[torch.device] = None):
         self.total_steps, self.global_batch, self.log_every = total_steps, global_batch, log_every
+        self.flops_per_image, self.peak_flops, self.device = flops_per_image, peak_flops, device
+        self._wait = 0.0
         self.writer = None
         self.metrics_path = os.path.join(folder, "metrics.jsonl")
         if tensorboard and D.is_main():
@@ -47,7 +63,8 @@ class Monitor:
         self._steps_since = 0
         self.history: list[dict[str, float]] = []
 
-    def update(self, stats: dict[str, torch.Tensor]) -> None:
+    def update(self, stats: dict[str, torch.Tensor], data_wait: float = 0.0) -> None:
+        self._wait += data_wait
         for k, v in stats.items():
             v = v.detach().float().reshape(())
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
@@ -72,6 +89,14 @@ class Monitor:
         now = time.perf_counter()
         dt = now - self._t0
         scalars["img_per_s"] = self._steps_since * self.global_batch / max(dt, 1e-9)
+        scalars["data_wait_frac"] = min(1.0, self._wait / max(dt, 1e-9))
+        scalars["peak_mem_gib"] = peak_memory_gib(self.device)
+        if self.flops_per_image:
+            per_device = scalars["img_per_s"] / D.world_size()
+            scalars["tflops_per_device"] = per_device * self.flops_per_image / 1e12
+            utilisation = mfu(per_device, self.flops_per_image, self.peak_flops)
+            if utilisation is not None:
+                scalars["mfu"] = utilisation
         eta = (self.total_steps - step) * dt / max(1, self._steps_since)
         self.history.append({"step": step, **scalars})
         if D.is_main():
@@ -79,20 +104,23 @@ class Monitor:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
             log.info("[ep %d step %d/%d] loss %.4f (ce %.4f me_max %.4f ent %.4f) np %d max_t "
-                     "%.3f | lr %.2e wd %.3f m %.5f T %.3f%s | %.1f img/s ETA %s",
+                     "%.3f | lr %.2e wd %.3f m %.5f T %.3f%s | %.1f img/s%s data %.0f%% mem "
+                     "%.1f GiB ETA %s",
                      epoch + 1, step, self.total_steps, scalars.get("loss", float("nan")),
                      scalars.get("ce", 0), scalars.get("me_max", 0), scalars.get("ent", 0),
                      round(scalars.get("np", 0)), scalars.get("max_t", 0), hparams["lr"],
                      hparams["wd"], hparams["momentum"], hparams["T"],
                      f" gnorm {scalars['grad_norm']:.3f}" if "grad_norm" in scalars else "",
-                     scalars["img_per_s"], _fmt_eta(eta))
+                     scalars["img_per_s"],
+                     f" MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "",
+                     100 * scalars["data_wait_frac"], scalars["peak_mem_gib"], _fmt_eta(eta))
             if self.writer is not None:
                 for k, v in scalars.items():
                     group = "train" if k in ("loss", "ce", "me_max", "ent", "np", "max_t",
                                              "grad_norm") else "hparams" if k in hparams else "perf"
                     self.writer.add_scalar(f"{group}/{k}", v, step)
                 self.writer.flush()
-        self._sums, self._counts, self._steps_since, self._t0 = {}, {}, 0, now
+        self._sums, self._counts, self._steps_since, self._t0, self._wait = {}, {}, 0, now, 0.0
         return scalars
 
     def close(self) -> None:

@@ -1,7 +1,6 @@
 """Few-shot evaluation: subset files, the logistic solver, feature taps, demo data, end to end."""
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,22 +21,7 @@ from eval.subsets import make_subsets  # noqa: E402
 from msn_ds.data import eval_folder, eval_transform  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 
-
-def run_script(*args, check=True):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def write_folder(root: Path, counts: dict, size: int = 8, seed: int = 0) -> None:
-    g = np.random.default_rng(seed)
-    for cls, n in counts.items():
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-                root / cls / f"img{i:03d}.png")
+from helpers import run_cli, write_folder  # noqa: E402
 
 
 # ---------------------------------------------------------------- (a) subset files
@@ -45,7 +29,7 @@ def write_folder(root: Path, counts: dict, size: int = 8, seed: int = 0) -> None
 def test_subsets_deterministic_balanced_and_valid(tmp_path):
     root = tmp_path / "train"
     counts = {"cat": 7, "dog": 9, "eel": 12}
-    write_folder(root, counts)
+    write_folder(root, counts, size=8)
     kw = dict(per_class=(1, 2, 5), percent=(25,), splits=3)
     s0 = make_subsets(str(root), seed=0, **kw)
     assert s0 == make_subsets(str(root), seed=0, **kw)
@@ -72,7 +56,7 @@ def test_subsets_deterministic_balanced_and_valid(tmp_path):
         assert one < two < five
 
     out = tmp_path / "subsets"
-    run_script("scripts/make_subsets.py", root, "--per-class", 1, 2, 5, "--percent", 25,
+    run_cli("scripts/make_subsets.py", root, "--per-class", 1, 2, 5, "--percent", 25,
                "--splits", 3, "--seed", 0, "--out", out)
     for name, lines in s0.items():
         assert (out / name).read_text().splitlines() == lines
@@ -172,7 +156,7 @@ def test_features_before_and_after_final_norm():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "mnist_demo"
-    proc = run_script("scripts/make_demo_data.py", "--out", out)
+    proc = run_cli("scripts/make_demo_data.py", "--out", out)
     return out, proc.stdout
 
 
@@ -200,9 +184,9 @@ def test_make_demo_data(demo):
         assert img.mode == "RGB" and img.size == (28, 28)
         assert np.array_equal(np.asarray(img)[..., 0], data[r, :-1].reshape(28, 28))
 
-    again = run_script("scripts/make_demo_data.py", "--out", out)
+    again = run_cli("scripts/make_demo_data.py", "--out", out)
     assert "already complete" in again.stdout
-    other = run_script("scripts/make_demo_data.py", "--out", out, "--seed", 1, check=False)
+    other = run_cli("scripts/make_demo_data.py", "--out", out, "--seed", 1, check=False)
     assert other.returncode != 0 and "another split" in other.stderr
 
 
@@ -225,8 +209,8 @@ def test_fewshot_end_to_end(demo, tmp_path):
 
     one = sorted(p for p in paths if "1imgs" in p)
     js = tmp_path / "res.json"
-    run_script("-m", "eval.logistic", "--random-init", "vit_pico_4", "--root", out,
-               "--subsets", *one, "--crop", 28, "--resize", 28, "--batch-size", 500,
+    run_cli("-m", "eval.logistic", "--random-init", "vit_pico_4", "--root", out,
+               "--subsets", *one, "--crop", 28, "--resize", 28, "--feature-batch-size", 500,
                "--json", js)
     res = json.loads(js.read_text())
     assert res["representation"] == "before_norm" and res["feature_dim"] == 128

@@ -2,15 +2,12 @@
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -22,22 +19,7 @@ from eval.linear import (CHECKPOINT, cosine_lr, epoch_batches, evaluate_linear, 
 from msn_ds.checkpoint import encoder_metadata, save_weights  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 
-
-def run_cli(*args, timeout=180, env=None):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def write_folder(root: Path, counts: dict, size: int = 16, seed: int = 0) -> None:
-    g = np.random.default_rng(seed)
-    for cls, n in counts.items():
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-                root / cls / f"img{i:03d}.png")
+from helpers import run_cli, write_folder  # noqa: E402
 
 
 def tiny_dataset(tmp_path: Path) -> Path:
