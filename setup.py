@@ -22,6 +22,8 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "eval": ["cyanure"],
         "demo": ["mlxtend>=0.23"],
-        "test": ["pytest>=7", "mlxtend>=0.23"],
+        # DALI runs its tests in CPU mode (device_id=None); the CUDA 12 wheel works without a GPU
+        # cyanure: the reference's solver, for the solver-equivalence test
+        "test": ["pytest>=7", "mlxtend>=0.23", "nvidia-dali-cuda120", "cyanure"],
     },
 )

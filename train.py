@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -17,9 +18,12 @@ from msn_ds import distributed as D
 from msn_ds.checkpoint import (CheckpointError, consolidate, load_training_checkpoint,
                                plan_resume, save_training_checkpoint)
 from msn_ds.config import ConfigError, dump, load_config, train_folder
-from msn_ds.data import GlobalBatchSampler, MultiCropTransform, MultiViewImageFolder, collate_views
+from msn_ds.data.dali import dali_available
+from msn_ds.data.loader import build_pretrain_loader
+from msn_ds.data.views_grid import log_views
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
                            init_deepspeed, init_target, read_ds_config, resolve_ds_config)
+from msn_ds.flops import StepShape, peak_flops
 from msn_ds.monitor import Monitor, setup_logging
 
 log = logging.getLogger("msn_ds")
@@ -41,19 +45,10 @@ def parse_args(argv=None):
 
 
 def build_loader(cfg: dict):
-    data = cfg["data"]
-    transform = MultiCropTransform(
-        rand_size=data["rand_size"], focal_size=data["focal_size"], rand_views=data["rand_views"],
-        focal_views=data["focal_views"], color_jitter=data["color_jitter_strength"],
-        rand_scale=data["rand_scale"], focal_scale=data["focal_scale"])
-    dataset = MultiViewImageFolder(train_folder(cfg), transform, seed=cfg["meta"]["seed"])
-    sampler = GlobalBatchSampler(len(dataset), cfg["criterion"]["batch_size"], D.world_size(),
-                                 D.rank(), seed=cfg["meta"]["seed"])
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg["criterion"]["batch_size"], sampler=sampler,
-        num_workers=data["num_workers"], pin_memory=data["pin_mem"] and torch.cuda.is_available(),
-        collate_fn=collate_views, drop_last=True, persistent_workers=data["num_workers"] > 0)
-    return dataset, sampler, loader
+    """``data.loader``: DALI (on this process's GPU when there is one) or torchvision."""
+    device_id = D.local_rank() if torch.cuda.is_available() else None
+    return build_pretrain_loader(cfg["data"], train_folder(cfg), cfg["criterion"]["batch_size"],
+                                 cfg["meta"]["seed"], D.world_size(), D.rank(), device_id)
 
 
 def main(argv=None) -> int:
@@ -63,6 +58,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         ds_config = resolve_ds_config(read_ds_config(args.deepspeed_config), cfg,
                                       int(os.environ["WORLD_SIZE"]), args.deepspeed_config)
+        if cfg["data"]["loader"] == "dali" and not dali_available():
+            raise ConfigError(f"{args.config}: data.loader=dali but NVIDIA DALI is not "
+                              "installed (pip install nvidia-dali-cuda120, or data.loader=torch)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,6 +76,8 @@ def main(argv=None) -> int:
             f.write(dump(cfg))
 
     dataset, sampler, loader = build_loader(cfg)
+    if cfg["logging"]["tensorboard"] and D.is_main():
+        log_views(cfg, dataset, loader)  # TensorBoard data/views: what the encoders see
     model, target = build_models(cfg)
     plan = None
     if args.resume is not None:  # checked (and converted, at another world size) first
@@ -97,8 +97,12 @@ def main(argv=None) -> int:
     total = schedules.total_steps if args.max_steps is None else min(args.max_steps,
                                                                      schedules.total_steps)
     global_batch = cfg["criterion"]["batch_size"] * D.world_size()
+    device = torch.device(engine.device)
     monitor = Monitor(folder, total, global_batch, cfg["logging"]["log_every"],
-                      tensorboard=cfg["logging"]["tensorboard"])
+                      tensorboard=cfg["logging"]["tensorboard"],
+                      flops_per_image=StepShape.from_config(cfg).flops_per_image(),
+                      peak_flops=cfg["logging"]["peak_tflops"] * 1e12 or peak_flops(device),
+                      device=device)
     log.info("%s: %d images, %d steps/epoch, global batch %d on %d processes, %d steps",
              cfg["meta"]["model_name"], len(dataset), sampler.batches_per_epoch, global_batch,
              D.world_size(), total)
@@ -129,7 +133,9 @@ def main(argv=None) -> int:
     while step < total and not stop.flag:
         epoch = step // spe
         sampler.set_epoch(epoch, start_batch=step % spe)
+        waited_since = time.perf_counter()
         for views, _, skipped in loader:
+            data_wait = time.perf_counter() - waited_since
             bad_images = check_bad_images(bad_images + skipped, skipped, len(dataset), dataset.root,
                                           cfg["data"]["max_bad_fraction"])
             try:
@@ -143,18 +149,20 @@ def main(argv=None) -> int:
                 log.warning("step %d: non-finite loss, update and EMA skipped (%d in a row)",
                             step, trainer.nonfinite_run)
             step += 1
-            monitor.update(dict(out.stats, loss=out.loss, skipped=torch.tensor(float(out.skipped))))
+            monitor.update(dict(out.stats, loss=out.loss, skipped=torch.tensor(float(out.skipped))),
+                           data_wait=data_wait)
             if monitor.due(step):
-                monitor.log(step, epoch, out.sched)
+                monitor.log(step, epoch, out.sched, extra={"bad_images": global_count(bad_images)})
             if step % spe == 0 or (every and step % every == 0):
                 save()
-            if stop.agreed():
+            if stop.agreed(step):
                 log.warning("stop requested (%s): saving at step %d and exiting",
                             stop.received or "another process", step)
                 stop.flag = True
                 break
             if step >= total:
                 break
+            waited_since = time.perf_counter()
 
     if last_saved != step or not os.path.isdir(os.path.join(folder, f"global_step{step}")):
         save()
@@ -162,6 +170,12 @@ def main(argv=None) -> int:
     monitor.close()
     D.cleanup()
     return 0
+
+
+def global_count(n: int) -> float:
+    """Sum of a per-process count over processes (at log intervals only: it synchronises)."""
+    t = torch.tensor([float(n)], device=D.comm_device(), dtype=torch.float64)
+    return float(D.all_reduce_sum_(t).item())
 
 
 def check_bad_images(total: int, new: int, num_images: int, root: str, max_fraction: float) -> int:

@@ -181,3 +181,14 @@ def dataset_features(encoder: Optional[MSNEncoder], dataset, *, pixels: bool = F
             "representation": "pixels" if pixels else
             ("before_norm" if before_norm else "after_norm")}
     return cache.get(FeatureCache.key(enc_key, dataset), compute, info)
+
+
+def train_val_features(encoder: Optional[MSNEncoder], train_ds, val_ds, *, pixels: bool = False,
+                       before_norm: bool = True, cache: Optional[FeatureCache] = None, **kw):
+    """``(train_x, train_y, val_x, val_y)``: :func:`dataset_features` of both sets, hashing
+    the weights once for the cache."""
+    pixels = pixels or encoder is None
+    key = encoder_fingerprint(None if pixels else encoder, before_norm) if cache else None
+    common = dict(pixels=pixels, before_norm=before_norm, cache=cache, encoder_key=key, **kw)
+    return (*dataset_features(encoder, train_ds, desc="train", **common),
+            *dataset_features(encoder, val_ds, desc="val", **common))

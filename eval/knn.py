@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
 
-from .features import FeatureCache, dataset_features, encoder_fingerprint
+from .features import FeatureCache, train_val_features
 from .logistic import pixel_transform
 from .report import (add_source_args, build_source, representation, sha256_file,  # noqa: F401
                      write_json, write_scalars)
@@ -103,12 +103,9 @@ def run_knn(encoder: Optional[MSNEncoder], root: str, k: int = 20, temperature: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     transform = pixel_transform(pixel_size) if pixels else eval_transform(crop, resize)
     train_ds, test_ds = load_datasets(root, transform, subset)
-    kw = dict(pixels=pixels, before_norm=before_norm, batch_size=batch_size, device=device,
-              num_workers=num_workers, cache=cache)
-    if cache is not None:
-        kw["encoder_key"] = encoder_fingerprint(None if pixels else encoder, before_norm)
-    train_x, train_y = dataset_features(encoder, train_ds, desc="train", **kw)
-    test_x, test_y = dataset_features(encoder, test_ds, desc="val", **kw)
+    train_x, train_y, test_x, test_y = train_val_features(
+        encoder, train_ds, test_ds, pixels=pixels, before_norm=before_norm, cache=cache,
+        batch_size=batch_size, device=device, num_workers=num_workers)
     acc = knn_accuracy(torch.as_tensor(train_x).to(device), train_y, test_x, test_y, k,
                        temperature, len(train_ds.classes), chunk)
     return {"protocol": "knn", "representation": representation(pixels, before_norm),

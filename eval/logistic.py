@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -39,7 +41,7 @@ from torchvision.transforms import v2
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
 
-from .features import FeatureCache, dataset_features, encoder_fingerprint
+from .features import FeatureCache, train_val_features
 from .report import add_source_args, build_source, representation, write_json, write_scalars
 
 CENTERING = ("sample", "train", "none")
@@ -110,27 +112,17 @@ def fit_logistic(train_x, train_y, num_classes: int, lambd: float, max_iter: int
 
 def _cyanure_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                      lambd: float) -> np.ndarray:
-    """The reference's own solver, when ``cyanure`` is installed (not required).
-
-    One thread: cyanure's OpenMP runtime and torch's MKL in one process deadlock in the next
-    torch QR once cyanure has run multi-threaded (seen with cyanure 1.2.2, torch 2.14)."""
-    train_x = np.ascontiguousarray(train_x, np.float64)
-    test_x = np.ascontiguousarray(test_x, np.float64)
-    train_y = np.asarray(train_y, np.int64)
-    try:  # cyanure >= 1.0: scikit-learn style estimator, same objective
-        from cyanure.estimators import Classifier
-    except ImportError:  # the API logistic_eval.py was written against (cyanure 0.2)
-        import cyanure as cyan
-
-        clf = cyan.MultiClassifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False)
-        clf.fit(train_x, train_y, it0=10, lambd=lambd, lambd2=lambd, nthreads=1, tol=1e-3,
-                solver="auto", seed=0, max_epochs=300)
-    else:
-        clf = Classifier(loss="multiclass-logistic", penalty="l2", lambda_1=lambd,
-                         fit_intercept=False, tol=1e-3, max_iter=300, verbose=False,
-                         random_state=0, n_threads=1)
-        clf.fit(train_x, train_y)
-    return np.asarray(clf.predict(test_x)).astype(np.int64)
+    """The reference's own solver, when ``cyanure`` is installed (not required), run in a
+    child process (:mod:`eval.cyanure_solver` says why)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "problem.npz"), os.path.join(tmp, "pred.npy")
+        np.savez(src, train_x=train_x, train_y=train_y, test_x=test_x, lambd=lambd)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.run([sys.executable, "-m", "eval.cyanure_solver", src, dst],
+                              capture_output=True, text=True, cwd=root)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cyanure failed: {proc.stderr[-2000:]}")
+        return np.load(dst, allow_pickle=False)
 
 
 def evaluate_fewshot(train_feats, train_labels, test_feats, test_labels, lambd: float,
@@ -156,11 +148,9 @@ def evaluate_fewshot(train_feats, train_labels, test_feats, test_labels, lambd: 
 
 
 def cyanure_available() -> bool:
-    try:
-        import cyanure  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("cyanure") is not None
 
 
 def pixel_transform(size: Optional[int] = None) -> v2.Compose:
@@ -216,12 +206,9 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
     train_ds.targets = [y for _, y in train_ds.samples]
     row = {w: i for i, w in enumerate(wanted)}
 
-    kw = dict(pixels=pixels, before_norm=before_norm, batch_size=batch_size, device=device,
-              num_workers=num_workers, cache=cache)
-    if cache is not None:
-        kw["encoder_key"] = encoder_fingerprint(None if pixels else encoder, before_norm)
-    train_x, train_y = dataset_features(encoder, train_ds, desc="train", **kw)
-    test_x, test_y = dataset_features(encoder, test_ds, desc="val", **kw)
+    train_x, train_y, test_x, test_y = train_val_features(
+        encoder, train_ds, test_ds, pixels=pixels, before_norm=before_norm, cache=cache,
+        batch_size=batch_size, device=device, num_workers=num_workers)
     rep = representation(pixels, before_norm)
     solve_device = device if solver == "lbfgs" else None
 

@@ -35,6 +35,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "seed": ((int,), 0),
         "activation_checkpointing": ((int,), 0),
         "nonfinite_patience": ((int,), 10),
+        "compile": ((str,), ""),  # torch.compile backend for the ViT blocks; "" = eager
     },
     "criterion": {
         "num_proto": ((int,), 1024),
@@ -68,6 +69,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "rand_scale": ((list,), [0.3, 1.0]),
         "focal_scale": ((list,), [0.05, 0.3]),
         "max_bad_fraction": (_NUM, 0.01),
+        # torch | dali | auto (dali with a CUDA GPU and DALI). torch by default until the
+        # DALI GPU path has run on a GPU (its CPU mode is tested).
+        "loader": ((str,), "torch"),
     },
     "optimization": {
         "epochs": ((int,), 800),
@@ -91,6 +95,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "tensorboard": ((bool,), True),
         "checkpoint_every_steps": ((int,), 0),
         "keep_last": ((int,), 3),
+        "peak_tflops": (_NUM, 0.0),  # the device's peak for MFU; 0: known GPUs by name
     },
 }
 
@@ -101,6 +106,10 @@ UNSUPPORTED_IF = {
     ("meta", "copy_data"): True,
     ("meta", "load_checkpoint"): True,
 }
+
+
+LOADERS = ("auto", "dali", "torch")
+COMPILE_BACKENDS = ("", "inductor", "aot_eager")
 
 
 class ConfigError(ValueError):
@@ -226,6 +235,8 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
                          ("criterion", "sinkhorn_iters"), ("meta", "activation_checkpointing")]:
         if cfg[section][key] < 0:
             fail(f"{section}.{key}", f"must be >= 0, got {cfg[section][key]}")
+    if cfg["meta"]["compile"] not in COMPILE_BACKENDS:
+        fail("meta.compile", f"must be one of {COMPILE_BACKENDS}, got {cfg['meta']['compile']!r}")
     if cfg["data"]["rand_views"] < 1:
         fail("data.rand_views", "must be >= 1 (the masked anchor view)")
     for section, key, lo, hi in [("data", "patch_drop", 0.0, 1.0),
@@ -242,6 +253,8 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
         v = cfg["data"][key]
         if len(v) != 2 or not all(isinstance(x, _NUM) for x in v) or not 0 < v[0] <= v[1] <= 1:
             fail(f"data.{key}", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {v}")
+    if cfg["data"]["loader"] not in LOADERS:
+        fail("data.loader", f"must be one of {', '.join(LOADERS)}, got {cfg['data']['loader']!r}")
     if check_paths:
         train_dir = train_folder(cfg)
         if not os.path.isdir(train_dir):

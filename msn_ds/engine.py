@@ -35,7 +35,19 @@ def build_models(cfg: dict) -> tuple[MSNModel, MSNEncoder]:
                          checkpoint_every=meta["activation_checkpointing"])
     model = MSNModel(encoder, crit["num_proto"], meta["output_dim"],
                      freeze_proto=crit["freeze_proto"])
-    return model, make_target(encoder)
+    target = make_target(encoder)
+    if meta["compile"]:
+        compile_blocks(encoder, meta["compile"])
+        compile_blocks(target, meta["compile"])
+    return model, target
+
+
+def compile_blocks(encoder: MSNEncoder, backend: str) -> None:
+    """``torch.compile`` each ViT block in place (fused LayerNorm/GELU/residual kernels under
+    inductor). Blocks, not the whole encoder: the token drop, the view grouping and the
+    activation checkpointing around them stay eager, and each view size compiles once."""
+    for block in encoder.backbone.blocks:
+        block.compile(backend=backend, dynamic=False)
 
 
 def build_criterion(cfg: dict) -> MSNLoss:
@@ -112,6 +124,10 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{source}: remove 'optimizer'/'scheduler': msn_ds builds AdamW with "
                           "the method's parameter groups and schedules them per step")
+    if cfg["meta"]["compile"] and zero_stage(ds) == 3:
+        raise ConfigError(f"{source}: meta.compile={cfg['meta']['compile']!r} with ZeRO-3: "
+                          "its parameter-gathering hooks break the compiled graphs; use "
+                          "ZeRO-1/2 or meta.compile=''")
     if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
         raise ConfigError(f"{source}: fp16 needs a GPU (DeepSpeed's CPU accelerator rejects it);"
                           " use a bf16 or fp32 config")

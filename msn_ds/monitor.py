@@ -116,8 +116,10 @@ class Monitor:
                      100 * scalars["data_wait_frac"], scalars["peak_mem_gib"], _fmt_eta(eta))
             if self.writer is not None:
                 for k, v in scalars.items():
-                    group = "train" if k in ("loss", "ce", "me_max", "ent", "np", "max_t",
-                                             "grad_norm") else "hparams" if k in hparams else "perf"
+                    group = ("train" if k in ("loss", "ce", "me_max", "ent", "np", "max_t",
+                                              "grad_norm", "skipped") else
+                             "hparams" if k in hparams else
+                             "data" if k in ("bad_images", "data_wait_frac") else "perf")
                     self.writer.add_scalar(f"{group}/{k}", v, step)
                 self.writer.flush()
         self._sums, self._counts, self._steps_since, self._t0, self._wait = {}, {}, 0, now, 0.0

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from msn_ds.checkpoint import load_encoder
+from msn_ds.config import load_config
+from msn_ds.flops import StepShape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,6 +32,11 @@ def train(args, nproc=1, timeout=600, launcher="torchrun"):
     return r
 
 
+# vit_pico_4 with the demo's views (2 x 32 px, 4 x 16 px), K=256: msn_ds.flops formula
+FLOPS_PER_IMAGE = StepShape.from_config(load_config(os.path.join(ROOT, "configs/demo_cpu.yaml"),
+                                                    check_paths=False)).flops_per_image()
+
+
 def metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -39,12 +46,25 @@ def test_training_lowers_the_loss(demo_root, tmp_path):
     run = str(tmp_path / "run")
     train(["--config", "configs/demo_cpu.yaml", "--deepspeed_config", "ds_configs/zero0_fp32.json",
            "--max-steps", "30", f"data.root_path={demo_root}", f"logging.folder={run}",
-           "logging.log_every=5", "criterion.batch_size=32", "data.num_workers=1"])
+           "logging.log_every=5", "criterion.batch_size=32", "data.num_workers=1",
+           "logging.peak_tflops=0.5"])
     rows = metrics(run)
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < first - 0.05, (first, last)
     assert all(r["skipped"] == 0 for r in rows)
+    for r in rows:  # performance scalars, MFU against the stated 0.5 TFLOP/s peak
+        assert 0.0 <= r["data_wait_frac"] <= 1.0 and r["peak_mem_gib"] > 0.1
+        assert r["bad_images"] == 0
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5)
+        assert r["tflops_per_device"] == pytest.approx(r["img_per_s"] * FLOPS_PER_IMAGE / 1e12,
+                                                       rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(os.path.join(run, "tb"))
+    tb.Reload()
+    for tag in ("perf/img_per_s", "perf/mfu", "perf/peak_mem_gib", "data/data_wait_frac",
+                "data/bad_images", "train/loss"):
+        assert [e.step for e in tb.Scalars(tag)] == [5, 10, 15, 20, 25, 30], tag
     assert os.path.isdir(os.path.join(run, "global_step30"))
     enc, meta = load_encoder(os.path.join(run, "demo-target.safetensors"))
     assert meta["step"] == "30" and meta["arch"] == "vit_pico_4"

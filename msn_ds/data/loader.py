@@ -1,0 +1,56 @@
+"""Pretraining loader factory: ``data.loader`` = ``dali`` | ``torch`` | ``auto``.
+
+Both loaders read the same :class:`MultiViewImageFolder` (file list, labels, seeded
+transform) in the same :class:`GlobalBatchSampler` order and yield ``(views, labels,
+skipped)``; ``auto`` picks DALI where it pays (a CUDA GPU and DALI installed), else torch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from .dali import DaliMultiCropLoader, dali_available
+from .dataset import MultiViewImageFolder, collate_views
+from .sampler import GlobalBatchSampler
+from .transforms import MultiCropTransform
+
+log = logging.getLogger(__name__)
+
+
+def resolve_loader(name: str) -> str:
+    if name == "auto":
+        return "dali" if torch.cuda.is_available() and dali_available() else "torch"
+    if name == "dali" and not dali_available():
+        raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed "
+                           "(pip install nvidia-dali-cuda120, or data.loader=torch)")
+    if name not in ("dali", "torch"):
+        raise ValueError(f"data.loader must be dali, torch or auto, got {name!r}")
+    return name
+
+
+def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, world_size: int = 1,
+                          rank: int = 0, device_id: Optional[int] = None,
+                          loader: Optional[str] = None):
+    """``(dataset, sampler, loader)`` from the ``data`` config section. ``device_id``: the
+    GPU DALI decodes on (None: DALI on the CPU; ignored by the torch loader)."""
+    transform = MultiCropTransform(
+        rand_size=data["rand_size"], focal_size=data["focal_size"], rand_views=data["rand_views"],
+        focal_views=data["focal_views"], color_jitter=data["color_jitter_strength"],
+        rand_scale=data["rand_scale"], focal_scale=data["focal_scale"])
+    dataset = MultiViewImageFolder(root, transform, seed=seed)
+    sampler = GlobalBatchSampler(len(dataset), batch_size, world_size, rank, seed=seed)
+    kind = resolve_loader(loader or data.get("loader", "auto"))
+    if kind == "dali":
+        it = DaliMultiCropLoader(dataset, sampler, num_threads=max(1, data["num_workers"]),
+                                 device_id=device_id)
+        log.info("data: DALI loader (%s, %d threads)",
+                 "CPU" if device_id is None else f"GPU {device_id}", it.num_threads)
+        return dataset, sampler, it
+    it = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=data["num_workers"],
+        pin_memory=data["pin_mem"] and torch.cuda.is_available(), collate_fn=collate_views,
+        drop_last=True, persistent_workers=data["num_workers"] > 0)
+    log.info("data: torch loader (%d workers)", data["num_workers"])
+    return dataset, sampler, it
