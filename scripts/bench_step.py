@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import sys
 import time
 
@@ -37,6 +36,7 @@ from msn_ds.config import ConfigError, load_config  # noqa: E402
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,  # noqa: E402
                            init_deepspeed, init_target, read_ds_config, resolve_ds_config)
 from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
+from msn_ds.monitor import peak_memory_gib  # noqa: E402
 
 OOM = (torch.OutOfMemoryError,)
 
@@ -69,12 +69,6 @@ class Timer:
             self.seconds = self.start.elapsed_time(self.end) / 1e3
         else:
             self.seconds = time.perf_counter() - self.t0
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB; process peak
 
 
 def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
