@@ -3,7 +3,9 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 # DeepSpeed JIT-builds a small CPU op on first use: cache it inside the venv.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
-export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+# Ask torch (not nvidia-smi, which can exist where no GPU is usable) whether CUDA works;
+# recursive (=), so it is asked once the venv exists.
+export DS_ACCELERATOR ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 DEMO_DATA := data/mnist_demo
 DEMO_RUN := runs/demo_cpu
 

@@ -22,7 +22,8 @@ from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
 from msn_ds.data.views_grid import log_views
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
-                           init_deepspeed, init_target, read_ds_config, resolve_ds_config)
+                           configure_precision, init_deepspeed, init_target, read_ds_config,
+                           resolve_ds_config)
 from msn_ds.flops import StepShape, peak_flops
 from msn_ds.monitor import Monitor, setup_logging
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
 
 def build_loader(cfg: dict):
     """``data.loader``: DALI (on this process's GPU when there is one) or torchvision."""
-    device_id = D.local_rank() if torch.cuda.is_available() else None
+    device_id = D.local_rank() if D.accelerator_name() == "cuda" else None
     return build_pretrain_loader(cfg["data"], train_folder(cfg), cfg["criterion"]["batch_size"],
                                  cfg["meta"]["seed"], D.world_size(), D.rank(), device_id)
 
@@ -60,14 +61,12 @@ def main(argv=None) -> int:
                                       int(os.environ["WORLD_SIZE"]), args.deepspeed_config)
         if cfg["data"]["loader"] == "dali" and not dali_available():
             raise ConfigError(f"{args.config}: data.loader=dali but NVIDIA DALI is not "
-                              "installed (pip install nvidia-dali-cuda120, or data.loader=torch)")
+                              "installed (pip install nvidia-dali-cuda130, or data.loader=torch)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    D.init_process_group()
     setup_logging()
     folder = cfg["logging"]["folder"]
     os.makedirs(folder, exist_ok=True)
@@ -98,6 +97,7 @@ def main(argv=None) -> int:
                                                                      schedules.total_steps)
     global_batch = cfg["criterion"]["batch_size"] * D.world_size()
     device = torch.device(engine.device)
+    configure_precision(device)
     monitor = Monitor(folder, total, global_batch, cfg["logging"]["log_every"],
                       tensorboard=cfg["logging"]["tensorboard"],
                       flops_per_image=StepShape.from_config(cfg).flops_per_image(),
@@ -138,24 +138,26 @@ def main(argv=None) -> int:
             data_wait = time.perf_counter() - waited_since
             bad_images = check_bad_images(bad_images + skipped, skipped, len(dataset), dataset.root,
                                           cfg["data"]["max_bad_fraction"])
-            try:
-                out = trainer.step(views, step, want_grad_norm=monitor.due(step + 1))
+            out = trainer.step(views, step, log=monitor.due(step + 1), stop=stop.flag)
+            step += 1
+            monitor.update(dict(out.stats, loss=out.loss, skipped=out.skipped),
+                           data_wait=data_wait)
+            due = monitor.due(step)
+            checkpoint = step % spe == 0 or (every and step % every == 0)
+            try:  # the flags of the step before (or of all, where we sync anyway)
+                for s in trainer.poll(None if due or checkpoint or step >= total else step - 2):
+                    log.warning("step %d: non-finite loss, update and EMA skipped (%d in a "
+                                "row)", s, trainer.nonfinite_run)
             except FloatingPointError as e:  # too many non-finite losses in a row
                 log.error("%s; saving the last good state (step %d) and stopping", e, step)
                 save()
                 D.cleanup()
                 return 3
-            if out.skipped:
-                log.warning("step %d: non-finite loss, update and EMA skipped (%d in a row)",
-                            step, trainer.nonfinite_run)
-            step += 1
-            monitor.update(dict(out.stats, loss=out.loss, skipped=torch.tensor(float(out.skipped))),
-                           data_wait=data_wait)
-            if monitor.due(step):
+            if due:
                 monitor.log(step, epoch, out.sched, extra={"bad_images": global_count(bad_images)})
-            if step % spe == 0 or (every and step % every == 0):
+            if checkpoint:
                 save()
-            if stop.agreed(step):
+            if stop.flag and D.world_size() == 1 or trainer.stop_agreed:
                 log.warning("stop requested (%s): saving at step %d and exiting",
                             stop.received or "another process", step)
                 stop.flag = True

@@ -73,6 +73,33 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def accelerator_name() -> str:
+    """The device type DeepSpeed's accelerator drives ("cuda", "cpu", ...). It honours
+    ``DS_ACCELERATOR``, so a host with a visible GPU can still run the CPU path."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def step_device() -> torch.device:
+    """This process's compute device: its local GPU under a CUDA accelerator, else the CPU."""
+    if accelerator_name() == "cuda":
+        return torch.device("cuda", local_rank())
+    return torch.device(accelerator_name())
+
+
+def init_process_group() -> None:
+    """Pin this process to its GPU, then join the process group with the accelerator's own
+    backend (nccl on CUDA, gloo on the CPU). ``set_device`` comes first, so that nothing
+    (NCCL's communicator included) creates a context on GPU 0 for every local rank."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if accelerator_name() == "cuda":
+        torch.cuda.set_device(local_rank())
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
 def comm_device() -> torch.device:
     """Where a tensor for a collective must live: the GPU under nccl, the CPU under gloo."""
     if is_dist() and dist.get_backend() == "nccl":
@@ -148,11 +175,10 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit warnings) set a flag; the
-    training loop asks ``agreed(step)`` at each step boundary, so that every process saves and
-    stops at the same step. With several processes the flags are reduced only every
-    ``every`` steps: the reduction waits for the device, and a scheduler's grace period
-    (minutes) is far longer than a few steps."""
+    """SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit warnings) set a flag. The
+    training step carries it to every process inside the all-reduce it makes anyway
+    (``MSNTrainer.step``/``poll``), so that all processes save and stop at the same step
+    without a host sync of their own."""
 
     def __init__(self, signals=("SIGTERM", "SIGUSR1")):
         import signal
@@ -168,12 +194,3 @@ class StopRequest:
 
         self.flag = True
         self.received = signal.Signals(signum).name
-
-    def agreed(self, step: int = 0, every: int = 10) -> bool:
-        if world_size() == 1:
-            return self.flag
-        if step % every:
-            return False
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

@@ -1,33 +1,67 @@
-"""Target-encoder update: an fp32 exponential moving average of the anchor encoder."""
+"""Target-encoder update: an exponential moving average of the anchor's fp32 master weights.
+
+Three placements, one rule (the target follows the fp32 master weights, whatever the stage):
+
+* :class:`PlainEMA`: the engine computes in fp32, so its weights *are* the masters; the
+  target is an fp32 copy updated in place from them.
+* :class:`PartitionedEMA`: ZeRO-0 in bf16/fp16 and ZeRO-1/2. The optimiser keeps the fp32
+  masters flat (partitioned across processes at ZeRO-1/2); each process keeps the fp32 EMA of
+  its own partition, writes it into the target (which computes in the engine's dtype) and
+  the target's partitions are all-gathered: the same traffic as the stage's own weight
+  all-gather, and no full fp32 copy.
+* :class:`ShardedEMA`: ZeRO-3. The target is a second partitioned engine; the EMA runs on
+  the fp32 slices and the engine gathers on use.
+
+``update(m, gate)``: ``gate`` is a 0-d tensor on the step's device (1: update, 0: skip this
+step), so that a non-finite step leaves the target untouched without a host sync.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 
+def _weight(m: float, gate: Optional[torch.Tensor], device: torch.device):
+    """``1 - m``, or ``(1 - m) * gate`` on ``device`` (a device-side skip)."""
+    if gate is None:
+        return 1.0 - m
+    return (gate.to(device=device, dtype=torch.float32) * (1.0 - m))
+
+
 @torch.no_grad()
-def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], m: float) -> None:
-    """``t <- m * t + (1 - m) * o`` for each pair, in the target's (fp32) precision.
+def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], m: float,
+                gate: Optional[torch.Tensor] = None) -> None:
+    """``t <- m * t + (1 - m) * o`` for each pair, in place; both lists in one dtype.
 
     Buffers (BatchNorm running statistics) are not averaged, as in the reference.
     """
     target, online = list(target), list(online)
     if len(target) != len(online):
         raise ValueError(f"target has {len(target)} parameters, online {len(online)}")
-    online = [o.detach().to(t.dtype) for t, o in zip(target, online)]
-    torch._foreach_lerp_(target, online, 1.0 - m)
+    if not target:
+        return
+    for t, o in zip(target, online):
+        if t.dtype != o.dtype:
+            raise TypeError(f"EMA of {o.dtype} into {t.dtype}: the target must follow the fp32 "
+                            "masters (a cast here would copy every parameter every step)")
+    torch._foreach_lerp_(target, [o.detach() for o in online],
+                         _weight(m, gate, target[0].device))
 
 
 class PlainEMA:
-    """The target update for ZeRO stages 0-2: full fp32 target beside the engine."""
+    """fp32 engine weights are the master weights: the fp32 target follows them in place."""
 
     def __init__(self, target: nn.Module, anchor: nn.Module):
         self.target, self.anchor = target, anchor
+        if any(p.dtype != torch.float32 for p in anchor.parameters()):
+            raise TypeError("PlainEMA needs an fp32 anchor; use PartitionedEMA under bf16/fp16")
 
-    def update(self, m: float) -> None:
-        ema_update_(self.target.parameters(), self.anchor.parameters(), m)
+    def update(self, m: float, gate: Optional[torch.Tensor] = None) -> None:
+        ema_update_(self.target.parameters(), self.anchor.parameters(), m, gate)
 
     def state_dict(self) -> dict:
         return self.target.state_dict()
@@ -44,6 +78,170 @@ def make_target(encoder: nn.Module) -> nn.Module:
     for p in target.parameters():
         p.requires_grad_(False)
     return target
+
+
+@dataclass
+class _FlatGroup:
+    """One optimiser group: the target's flat buffer mirrors the engine's flat buffer (same
+    size and offsets), so partition ``r`` of one holds the same parameters as the other's."""
+    master: torch.Tensor  # fp32, this process's partition of the optimiser's master copy
+    ema: torch.Tensor  # fp32, same shape and device as ``master``
+    flat: torch.Tensor  # the target's whole buffer, in the engine's dtype, on its device
+    parts: Optional[list[torch.Tensor]]  # every process's view of ``flat`` (None: whole)
+    rank: int
+    group: Optional[object]
+
+    @property
+    def local(self) -> torch.Tensor:
+        return self.flat if self.parts is None else self.parts[self.rank]
+
+
+def _optimizer_layout(opt) -> list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor,
+                                         Optional[list[torch.Tensor]], int, Optional[object]]]:
+    """Per group: (engine params, engine flat buffer, fp32 master partition, every process's
+    partition of the flat buffer or None, this process's partition index, process group),
+    read from DeepSpeed's mixed-precision / ZeRO-1/2 optimisers."""
+    name = type(opt).__name__
+    if name == "DeepSpeedZeroOptimizer":  # ZeRO-1/2
+        groups = []
+        for i, params in enumerate(opt.bit16_groups):
+            pg = opt.real_dp_process_group[i]
+            groups.append((params, opt.bit16_groups_flat[i], opt.single_partition_of_fp32_groups[i],
+                           opt.parallel_partitioned_bit16_groups[i], dist.get_rank(group=pg), pg))
+        return groups
+    if name == "BF16_Optimizer":  # bf16 ZeRO-1 with fp32 gradient accumulation
+        return [(params, opt.bf16_groups_flat[i], opt.fp32_groups_flat_partition[i],
+                 opt.bf16_partitioned_groups[i], dist.get_rank(group=opt.real_dp_process_group[i]),
+                 opt.real_dp_process_group[i]) for i, params in enumerate(opt.bf16_groups)]
+    if name == "FP16_Optimizer":  # ZeRO-0 in fp16/bf16: flat, not partitioned
+        return [(params, opt.fp16_groups_flat[i], opt.fp32_groups_flat[i], None, 0, None)
+                for i, params in enumerate(opt.fp16_groups)]
+    if name == "FP16_UnfusedOptimizer":  # ZeRO-0 in fp16/bf16 without a fused optimiser
+        return [([p], p.data.view(-1), m.view(-1), None, 0, None)
+                for params, masters in zip(opt.fp16_groups, opt.fp32_groups)
+                for p, m in zip(params, masters)]
+    raise TypeError(f"don't know where {name} keeps the fp32 master weights; the target "
+                    "EMA supports DeepSpeed's ZeRO-1/2, BF16 and FP16 optimisers")
+
+
+class PartitionedEMA:
+    """The target update at ZeRO-0 (bf16/fp16) and ZeRO-1/2, from the fp32 masters.
+
+    The target computes in the engine's dtype. Its trained parameters become views of flat
+    buffers laid out exactly like the optimiser's, so this process's fp32 EMA partition maps
+    onto one contiguous slice; after the update each process writes its slice and one
+    all-gather per group makes the target whole again. Parameters the optimiser does not
+    hold (frozen ones) keep their initial values, as they would under an EMA.
+    """
+
+    def __init__(self, target: nn.Module, anchor: nn.Module, optimizer):
+        self.module = target
+        self.names = [n for n, _ in target.named_parameters()]
+        by_anchor = {id(a): (n, t) for a, (n, t) in zip(anchor.parameters(),
+                                                         target.named_parameters())}
+        if len(by_anchor) != len(self.names):
+            raise ValueError("target and anchor have different parameters")
+        self.groups: list[_FlatGroup] = []
+        self.where: dict[str, tuple[int, int]] = {}  # name -> (group, offset in its flat)
+        for params, flat, master, parts, rank, pg in _optimizer_layout(optimizer):
+            mine = [p for p in params if id(p) in by_anchor]
+            if not mine:
+                continue  # e.g. the prototypes' group
+            tflat = torch.zeros_like(flat)
+            for p in mine:
+                offset = _offset(p, flat)
+                name, t = by_anchor[id(p)]
+                t.data = tflat.narrow(0, offset, p.numel()).view_as(t)
+                self.where[name] = (len(self.groups), offset)
+            tparts = None if parts is None else [
+                tflat.narrow(0, _offset(q, flat), q.numel()) for q in parts]
+            self.groups.append(_FlatGroup(master=master, ema=master.detach().float().clone(),
+                                          flat=tflat, parts=tparts, rank=rank, group=pg))
+        self._write_and_gather()
+
+    @torch.no_grad()
+    def update(self, m: float, gate: Optional[torch.Tensor] = None) -> None:
+        for g in self.groups:
+            g.ema.lerp_(g.master.detach(), _weight(m, gate, g.ema.device))
+        self._write_and_gather()
+
+    @torch.no_grad()
+    def _write_and_gather(self) -> None:
+        for g in self.groups:
+            g.local.copy_(g.ema.view_as(g.local))
+            if g.parts is not None and len(g.parts) > 1:
+                _all_gather_into(g.flat, g.parts, g.rank, g.group)
+
+    @torch.no_grad()
+    def _full_flats(self) -> list[torch.Tensor]:
+        """Each group's whole fp32 EMA (collective under ZeRO-1/2)."""
+        fulls = []
+        for g in self.groups:
+            local = g.ema.reshape(-1).to(g.flat.device)
+            if g.parts is None or len(g.parts) == 1:
+                fulls.append(local)
+                continue
+            pieces = [torch.empty(q.numel(), dtype=torch.float32, device=g.flat.device)
+                      for q in g.parts]
+            dist.all_gather(pieces, local, group=g.group)
+            fulls.append(torch.cat(pieces))
+        return fulls
+
+    def state_dict(self) -> dict:
+        """The whole fp32 target and its buffers, like :class:`PlainEMA` (so consolidation
+        and resuming at another world size need nothing else). Collective: every process
+        calls it when a checkpoint is saved."""
+        fulls = self._full_flats()
+        state = {}
+        for name, t in zip(self.names, self.module.parameters()):
+            if name in self.where:
+                gi, offset = self.where[name]
+                state[name] = fulls[gi][offset:offset + t.numel()].view(t.shape).cpu().clone()
+            else:
+                state[name] = t.detach().float().cpu().clone()
+        for name, b in self.module.named_buffers():
+            state[name] = (b.float() if b.is_floating_point() else b).detach().cpu().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"target state lacks {missing[:3]}")
+        for name, t in zip(self.names, self.module.parameters()):
+            t.copy_(state[name])
+        for name, b in self.module.named_buffers():
+            b.copy_(state[name])
+        # the fp32 EMA partitions from the exact saved values, not from the cast copies
+        fulls = [torch.zeros(g.flat.numel(), dtype=torch.float32) for g in self.groups]
+        for name, (gi, offset) in self.where.items():
+            value = state[name].reshape(-1).float()
+            fulls[gi][offset:offset + value.numel()] = value
+        for g, full in zip(self.groups, fulls):
+            start = _offset(g.local, g.flat)
+            g.ema.copy_(full[start:start + g.ema.numel()].view_as(g.ema))
+
+
+def _offset(view: torch.Tensor, flat: torch.Tensor) -> int:
+    """Where ``view`` starts inside the 1-D ``flat`` (they share storage)."""
+    if view.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+        raise ValueError("an engine parameter does not live in its group's flat buffer")
+    offset = (view.data_ptr() - flat.data_ptr()) // flat.element_size()
+    if not 0 <= offset <= flat.numel() - view.numel():
+        raise ValueError("an engine parameter lies outside its group's flat buffer")
+    return offset
+
+
+def _all_gather_into(flat: torch.Tensor, parts: list[torch.Tensor], rank: int, group) -> None:
+    """In-place all-gather of equal or unequal partitions of ``flat``."""
+    sizes = {q.numel() for q in parts}
+    contiguous = all(parts[i + 1].data_ptr() == parts[i].data_ptr() + parts[i].numel() *
+                     flat.element_size() for i in range(len(parts) - 1))
+    if len(sizes) == 1 and contiguous and parts[0].data_ptr() == flat.data_ptr() and \
+            flat.numel() == len(parts) * parts[0].numel():
+        dist.all_gather_into_tensor(flat, parts[rank], group=group)
+    else:
+        dist.all_gather(list(parts), parts[rank].clone(), group=group)
 
 
 class ShardedEMA:
@@ -77,13 +275,15 @@ class ShardedEMA:
         self._write()
 
     @torch.no_grad()
-    def update(self, m: float) -> None:
-        online = [self._local_fp32(a).detach().float() for a in self.anchor]
-        torch._foreach_lerp_(self.slices, online, 1.0 - m)
+    def update(self, m: float, gate: Optional[torch.Tensor] = None) -> None:
+        online = [self._local_fp32(a).detach() for a in self.anchor]
+        torch._foreach_lerp_(self.slices, online, _weight(m, gate, self.slices[0].device))
         self._write()
 
     @torch.no_grad()
     def _write(self) -> None:
+        # The target engine runs with overlap_comm off (engine.init_target), so its next
+        # all-gather is issued on this stream, after these writes.
         for p, s in zip(self.target, self.slices):
             p.ds_tensor.copy_(s.view_as(p.ds_tensor))
 
@@ -97,8 +297,6 @@ class ShardedEMA:
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
         """Re-slice whole fp32 parameters (and buffers) for this process: resuming at
         another world size."""
-        import torch.distributed as dist
-
         rank = dist.get_rank() if dist.is_initialized() else 0
         for name, s in zip(self.names, self.slices):
             s.copy_(slice_for_rank(full[name], s.numel(), rank))

@@ -1,7 +1,8 @@
 """DeepSpeed engine, parameter groups, precision and the MSN training step.
 
 One engine holds what the optimiser trains (anchor encoder + prototypes, ``MSNModel``); the
-target encoder sits beside it as an fp32 EMA copy. The step reads top to bottom:
+target encoder sits beside it, an EMA of the fp32 master weights computing in the engine's
+dtype (:mod:`.ema`). The step reads top to bottom:
 schedules -> target forward -> masked anchor forward -> loss -> backward/step -> EMA.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,7 +20,7 @@ import torch.nn as nn
 from . import distributed as D
 from .config import ConfigError
 from .data.sampler import seed_for
-from .ema import PlainEMA, ShardedEMA, make_target
+from .ema import PartitionedEMA, PlainEMA, ShardedEMA, make_target
 from .loss import MSNLoss
 from .models import MSNEncoder, MSNModel
 from .schedules import Schedules
@@ -128,7 +130,7 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
         raise ConfigError(f"{source}: meta.compile={cfg['meta']['compile']!r} with ZeRO-3: "
                           "its parameter-gathering hooks break the compiled graphs; use "
                           "ZeRO-1/2 or meta.compile=''")
-    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+    if ds.get("fp16", {}).get("enabled") and D.accelerator_name() != "cuda":
         raise ConfigError(f"{source}: fp16 needs a GPU (DeepSpeed's CPU accelerator rejects it);"
                           " use a bf16 or fp32 config")
     ds.setdefault("zero_allow_untested_optimizer", True)
@@ -137,17 +139,19 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
 
 
 def mask_generator(seed: int, step: int) -> torch.Generator:
-    """The token-drop permutation is a function of (seed, step): identical on every process
-    and after a resume."""
+    """The token-drop permutation is a function of (seed, step): identical on every process,
+    on every device type and after a resume (drawn on the CPU; see ``models.vit.keep_indices``)."""
     return torch.Generator().manual_seed(seed_for(seed, step, 0x6D61736B))
 
 
 @dataclass
 class StepOutput:
+    """What a step hands out: tensors on the step's device (``skipped``: 1.0 if the update
+    and the EMA were skipped for a non-finite loss), the schedules' values as floats."""
     loss: torch.Tensor
     stats: dict[str, torch.Tensor]
     sched: dict[str, float]
-    skipped: bool
+    skipped: torch.Tensor
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -155,22 +159,80 @@ def zero_stage(ds_config: dict) -> int:
 
 
 def init_target(target: nn.Module, engine, ds_config: dict):
-    """The target encoder and its EMA. Under ZeRO-3 the target becomes a second engine
-    partitioned exactly like the anchor (no optimiser; persistence threshold 0 so that every
-    parameter is sliced) and the EMA runs on the slices; otherwise it is a plain fp32 copy."""
+    """The target encoder and its EMA, computing in the engine's dtype at every stage and
+    following the fp32 master weights (see :mod:`.ema`).
+
+    Under ZeRO-3 the target becomes a second engine partitioned exactly like the anchor (no
+    optimiser; persistence threshold 0 so that every parameter is sliced). Its
+    ``overlap_comm`` is forced off: the EMA writes its slices on the compute stream, and an
+    all-gather on DeepSpeed's side stream could read them before the writes land."""
     if zero_stage(ds_config) == 3:
         import deepspeed
 
         cfg = copy.deepcopy(ds_config)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        cfg["zero_optimization"]["overlap_comm"] = False
         target_engine, *_ = deepspeed.initialize(model=target, config=cfg)
         return target_engine, ShardedEMA(target_engine.module, engine.module.encoder)
+    dtype = next(engine.module.parameters()).dtype
     target.to(engine.device)
-    return target, PlainEMA(target, engine.module.encoder)
+    if dtype == torch.float32:
+        return target, PlainEMA(target, engine.module.encoder)
+    target.to(dtype)
+    return target, PartitionedEMA(target, engine.module.encoder, engine.optimizer)
+
+
+def configure_precision(device: torch.device) -> None:
+    """TF32 tensor cores for fp32 matrix products on CUDA (fp32 runs; bf16 runs are
+    unaffected). cuDNN convolutions already default to TF32."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+class HostFlags:
+    """Small per-step device values read on the host without stalling the device.
+
+    ``push`` starts a non-blocking copy into pinned host memory and records an event;
+    ``ready(upto)`` returns the values of steps up to ``upto`` once their copies have
+    landed. Read a step behind, the wait is over before it starts: the device is by then
+    busy with the next step's work."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._pending: deque = deque()
+
+    def push(self, step: int, values: torch.Tensor) -> None:
+        if self.device.type == "meta":  # shapes only: there is nothing to read
+            return
+        if self.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = values.detach().clone(), None
+        self._pending.append((step, host, event))
+
+    def ready(self, upto: Optional[int] = None) -> list[tuple[int, list[float]]]:
+        """Values of the steps ``<= upto`` (all when None), oldest first; waits for them."""
+        out = []
+        while self._pending and (upto is None or self._pending[0][0] <= upto):
+            step, host, event = self._pending.popleft()
+            if event is not None:
+                event.synchronize()
+            out.append((step, host.numpy().tolist()))
+        return out
 
 
 class MSNTrainer:
-    """Holds the engine, the target encoder and its EMA, the criterion and the schedules."""
+    """Holds the engine, the target encoder and its EMA, the criterion and the schedules.
+
+    The step makes no host sync outside logging steps: a non-finite loss is detected on the
+    device and agreed by all processes there (one all-reduce of ``[finite, -stop]``); the
+    optimiser skips the update through fused AdamW's ``found_inf`` and the EMA through a
+    zero weight. The host learns of skips and of an agreed stop request a step later
+    (:meth:`poll`). Optimisers without ``found_inf`` (DeepSpeedCPUAdam under offload, which
+    waits for the host anyway) read the flag before the backward instead."""
 
     def __init__(self, engine, target, ema, criterion: MSNLoss, schedules: Schedules,
                  cfg: dict):
@@ -184,6 +246,12 @@ class MSNTrainer:
         self.seed = cfg["meta"]["seed"]
         self.nonfinite_patience = cfg["meta"]["nonfinite_patience"]
         self.nonfinite_run = 0
+        self.stop_agreed = False
+        self.device = torch.device(engine.device)
+        self.flags = HostFlags(self.device)
+        self.optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        self.gated = bool(getattr(self.optimizer, "defaults", {}).get("fused"))
+        self.target_dtype = next(self.target.parameters()).dtype
 
     @property
     def model(self) -> MSNModel:
@@ -199,39 +267,83 @@ class MSNTrainer:
             if not group.get("wd_exclude", False):
                 group["weight_decay"] = wd
 
-    def step(self, views: list[torch.Tensor], step: int, want_grad_norm: bool = False
-             ) -> StepOutput:
+    def step(self, views: list[torch.Tensor], step: int, log: bool = False,
+             stop: bool = False) -> StepOutput:
+        """One update. ``log``: a logging step, where the gradient norm is read (the one
+        place a host sync is allowed). ``stop``: this process wants to stop (a signal)."""
         sched = self.schedules.at(step)
         self.set_hparams(sched["lr"], sched["wd"])
-        device = self.engine.device
-        views = [v.to(device, non_blocking=True) for v in views]
+        views = [v.to(self.device, non_blocking=True) for v in views]
 
         with torch.no_grad():
-            target_z = self.target(views[:1][0].to(next(self.target.parameters()).dtype))
+            target_z = self.target(views[0].to(self.target_dtype))
         anchor_z, prototypes = self.engine([v.to(self.dtype) for v in views[1:]],
                                            mask_ratio=self.mask_ratio,
                                            per_sample_mask=self.per_sample_mask,
                                            generator=mask_generator(self.seed, step))
         loss, stats = self.criterion(anchor_z, target_z, prototypes, sched["T"])
+        flags = self._agree(loss, stop)
+        finite = flags[0]
+        self.flags.push(step, flags)
 
-        if not self._all_finite(loss):
-            self.nonfinite_run += 1
-            if self.nonfinite_run >= self.nonfinite_patience:
-                raise FloatingPointError(f"{self.nonfinite_run} consecutive non-finite losses "
-                                         f"(last at step {step}); stopping")
-            return StepOutput(loss.detach(), stats, sched, skipped=True)
-        self.nonfinite_run = 0
+        if self.gated:
+            self.engine.backward(loss)
+            grad_norm = self._grad_norm_stage0() if log else None
+            self.optimizer.found_inf = 1.0 - finite  # fused AdamW skips on the device
+            self.engine.step()
+            self.ema.update(sched["momentum"], gate=finite)
+        elif bool(finite.item()):  # host-side optimiser: it waits for the host anyway
+            self.engine.backward(loss)
+            grad_norm = self._grad_norm_stage0() if log else None
+            self.engine.step()
+            self.ema.update(sched["momentum"])
+        else:
+            grad_norm = None
+        if log:
+            grad_norm = grad_norm if grad_norm is not None else self._grad_norm_engine()
+            if grad_norm is not None:
+                stats["grad_norm"] = grad_norm
+        return StepOutput(loss.detach(), stats, sched, skipped=1.0 - finite)
 
-        self.engine.backward(loss)
-        if want_grad_norm and self.engine.zero_optimization_stage() == 0:
-            # DeepSpeed reports the norm only from its ZeRO / mixed-precision optimisers.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            stats["grad_norm"] = torch.nn.utils.get_total_norm(grads).detach()
-        self.engine.step()
-        if want_grad_norm and "grad_norm" not in stats and self.grad_norm() is not None:
-            stats["grad_norm"] = torch.tensor(self.grad_norm())
-        self.ema.update(sched["momentum"])
-        return StepOutput(loss.detach(), stats, sched, skipped=False)
+    def _agree(self, loss: torch.Tensor, stop: bool) -> torch.Tensor:
+        """``[finite, -stop]`` reduced with MIN over processes: the loss is finite
+        everywhere, and some process asked to stop. Stays on the device."""
+        finite = torch.isfinite(loss.detach()).all().to(torch.float32)
+        flags = torch.stack([finite, torch.full_like(finite, -1.0 if stop else 0.0)])
+        if D.world_size() > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        return flags
+
+    def poll(self, upto: Optional[int] = None) -> list[int]:
+        """Read the flags of the steps ``<= upto`` (all when None): returns the steps that
+        were skipped, sets :attr:`stop_agreed`, and raises FloatingPointError after
+        ``nonfinite_patience`` consecutive skips. Every process reads the same reduced
+        flags at the same step, so all of them stop together."""
+        skipped = []
+        for step, (finite, neg_stop) in self.flags.ready(upto):
+            if finite < 0.5:
+                self.nonfinite_run += 1
+                skipped.append(step)
+                if self.nonfinite_run >= self.nonfinite_patience:
+                    raise FloatingPointError(f"{self.nonfinite_run} consecutive non-finite "
+                                             f"losses (last at step {step}); stopping")
+            else:
+                self.nonfinite_run = 0
+            self.stop_agreed = self.stop_agreed or neg_stop < -0.5
+        return skipped
+
+    def _grad_norm_stage0(self) -> Optional[torch.Tensor]:
+        """DeepSpeed reports the norm only from its ZeRO / mixed-precision optimisers."""
+        if self.engine.zero_optimization_stage() != 0 or self.dtype != torch.float32:
+            return None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).detach()
+
+    def _grad_norm_engine(self) -> Optional[torch.Tensor]:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return torch.as_tensor(norm, dtype=torch.float32).detach().to(self.device)
 
     @property
     def sharded(self) -> bool:
@@ -239,7 +351,8 @@ class MSNTrainer:
 
     def client_state(self, step: int, config_yaml: str) -> dict[str, Any]:
         """What a resume needs beside DeepSpeed's own state: position, RNG and the fp32
-        target (here when whole; per process in :meth:`rank_state` when sharded)."""
+        target (here when whole; per process in :meth:`rank_state` when sharded). Called on
+        every process (gathering the target's partitions is collective)."""
         spe = self.schedules.steps_per_epoch
         state = {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
                  "world_size": D.world_size(), "config": config_yaml,
@@ -266,18 +379,6 @@ class MSNTrainer:
         torch.set_rng_state(state["rng_torch"])
         return state["step"]
 
-    @staticmethod
-    def _all_finite(loss: torch.Tensor) -> bool:
-        """Agreed across processes, so that every rank skips or steps together."""
-        flag = torch.isfinite(loss.detach()).float().reshape(1)
-        if D.world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def grad_norm(self) -> Optional[float]:
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
-
 
 def build_optimizer(groups: list[dict[str, Any]], ds_config: dict) -> torch.optim.Optimizer:
     """AdamW with the method's groups: DeepSpeedCPUAdam when the optimiser state is offloaded
@@ -289,7 +390,9 @@ def build_optimizer(groups: list[dict[str, Any]], ds_config: dict) -> torch.opti
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available() or None, **kw)
+    # fused: one kernel per step on CUDA (and the CPU), and the device-side skip of a
+    # non-finite step through ``found_inf`` (MSNTrainer.step)
+    return torch.optim.AdamW(groups, fused=True, **kw)
 
 
 def init_deepspeed(model: MSNModel, ds_config: dict):

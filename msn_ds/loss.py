@@ -112,7 +112,9 @@ class MSNLoss(nn.Module):
             loss = loss + self.entropy_weight * ent
 
         with torch.no_grad():
-            hits = torch.bincount(targets.argmax(dim=1), minlength=prototypes.shape[0])
+            # index_add_, not bincount: bincount sizes its output from the data (a host sync)
+            hits = torch.zeros(prototypes.shape[0], dtype=targets.dtype, device=targets.device)
+            hits.index_add_(0, targets.argmax(dim=1), torch.ones_like(targets[:, 0]))
             stats = {
                 "ce": ce.detach(),
                 "me_max": me_max.detach(),

@@ -64,8 +64,15 @@ class Monitor:
         self.history: list[dict[str, float]] = []
 
     def update(self, stats: dict[str, torch.Tensor], data_wait: float = 0.0) -> None:
+        """Accumulate on the device (no host sync). Every statistic must be a tensor on the
+        step's device: :meth:`log` stacks them, and a stray CPU tensor would fail there."""
         self._wait += data_wait
         for k, v in stats.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"step statistic {k!r} is a {type(v).__name__}, not a tensor")
+            if self.device is not None and v.device != self.device:
+                raise ValueError(f"step statistic {k!r} is on {v.device}; the step runs on "
+                                 f"{self.device}")
             v = v.detach().float().reshape(())
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
             self._counts[k] = self._counts.get(k, 0) + 1

@@ -118,7 +118,8 @@ def keep_indices(num_patches: int, mask_ratio: float, batch: int, per_sample: bo
 
     One permutation shared by the batch (shape ``[keep]``), as in the reference, or one per
     sample (shape ``[B, keep]``). Drawn on the CPU so that a seeded generator gives the same
-    mask on every device.
+    mask on every device; sent to a GPU from pinned memory without blocking the host (the
+    caching host allocator keeps the buffer alive until the copy is done).
     """
     keep = int(math.floor(num_patches * (1.0 - mask_ratio)))
     if keep < 1:
@@ -128,6 +129,8 @@ def keep_indices(num_patches: int, mask_ratio: float, batch: int, per_sample: bo
         idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
     else:
         idx = torch.randperm(num_patches, generator=generator)[:keep].sort().values
+    if torch.device(device).type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
     return idx.to(device)
 
 
