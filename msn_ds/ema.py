@@ -32,6 +32,14 @@ def _weight(m: float, gate: Optional[torch.Tensor], device: torch.device):
     return (gate.to(device=device, dtype=torch.float32) * (1.0 - m))
 
 
+def _foreach_lerp_(target: list[torch.Tensor], online: list[torch.Tensor], weight) -> None:
+    """``torch._foreach_lerp_`` with a float, or with a device tensor passed as a list (its
+    single-tensor overload reads the weight back to the host: a sync per step)."""
+    if isinstance(weight, torch.Tensor):
+        weight = [weight] * len(target)
+    torch._foreach_lerp_(target, online, weight)
+
+
 @torch.no_grad()
 def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], m: float,
                 gate: Optional[torch.Tensor] = None) -> None:
@@ -48,8 +56,7 @@ def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], 
         if t.dtype != o.dtype:
             raise TypeError(f"EMA of {o.dtype} into {t.dtype}: the target must follow the fp32 "
                             "masters (a cast here would copy every parameter every step)")
-    torch._foreach_lerp_(target, [o.detach() for o in online],
-                         _weight(m, gate, target[0].device))
+    _foreach_lerp_(target, [o.detach() for o in online], _weight(m, gate, target[0].device))
 
 
 class PlainEMA:
@@ -277,7 +284,7 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self, m: float, gate: Optional[torch.Tensor] = None) -> None:
         online = [self._local_fp32(a).detach() for a in self.anchor]
-        torch._foreach_lerp_(self.slices, online, _weight(m, gate, self.slices[0].device))
+        _foreach_lerp_(self.slices, online, _weight(m, gate, self.slices[0].device))
         self._write()
 
     @torch.no_grad()

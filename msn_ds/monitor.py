@@ -78,6 +78,10 @@ class Monitor:
             self._counts[k] = self._counts.get(k, 0) + 1
         self._steps_since += 1
 
+    def _means(self) -> torch.Tensor:
+        """The interval's means, one vector on the step's device (sorted keys)."""
+        return torch.stack([self._sums[k] / self._counts[k] for k in sorted(self._sums)])
+
     def due(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total_steps
 
@@ -85,7 +89,7 @@ class Monitor:
             extra: Optional[dict[str, float]] = None) -> dict[str, float]:
         """``step`` is the number of steps done. Returns the averaged scalars."""
         keys = sorted(self._sums)
-        vec = torch.stack([self._sums[k] / self._counts[k] for k in keys])
+        vec = self._means()
         if D.world_size() > 1:
             vec = vec.to(torch.float64)
             D.all_reduce_sum_(vec)

@@ -9,12 +9,21 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The CPU suite's child processes run on the CPU even on a GPU host: DeepSpeed's CPU
+# accelerator (gloo) and no visible GPU, so that a second rank never asks for a cuda:1
+# that a one-GPU machine lacks. GPU tests (tests/test_gpu.py) set their own environment.
+CPU_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def cpu_env(**extra) -> dict:
+    return {**os.environ, **CPU_ENV, **extra}
+
 
 def run_cli(*args, timeout=180, env=None, check=True):
     """``python ARGS`` in the repository root, one thread; asserts success unless ``check``."""
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env=cpu_env(**(env or {})))
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from msn_ds.checkpoint import read_weights
+from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = cpu_env()
 
 
 def args(demo_root, folder, steps, ds="zero0_fp32.json", *extra):

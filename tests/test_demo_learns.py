@@ -13,6 +13,7 @@ from eval.logistic import run_fewshot  # noqa: E402
 from eval.subsets import make_subsets  # noqa: E402
 from msn_ds.checkpoint import load_encoder  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
+from helpers import cpu_env
 
 
 def test_pretrained_beats_random_init_at_5_shots(demo_root, tmp_path):
@@ -26,7 +27,7 @@ def test_pretrained_beats_random_init_at_5_shots(demo_root, tmp_path):
                         f"data.root_path={demo_root}", f"logging.folder={run}",
                         "optimization.epochs=2", "logging.log_every=31", "data.loader=torch"],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+                       env=cpu_env(OMP_NUM_THREADS="2"))
     assert r.returncode == 0, r.stderr[-3000:]
 
     data = os.path.join(demo_root, "mnist_demo")

@@ -9,6 +9,7 @@ import torch
 
 from msn_ds.loss import MSNLoss
 from msn_ds.models.norm import BatchNorm1d
+from helpers import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
@@ -18,7 +19,7 @@ def torchrun(script, *args, nproc=WORLD, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", script, *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                       env=cpu_env(**(env or {})))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 

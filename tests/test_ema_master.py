@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from helpers import cpu_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -18,8 +20,7 @@ def test_target_is_an_ema_of_the_fp32_masters(tmp_path, stage):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", os.path.join(HERE, "dist_ema_master.py"),
                         str(stage), str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                      "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+                       cwd=ROOT, env=cpu_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     for rank in range(2):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -15,10 +15,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from msn_ds.checkpoint import load_encoder, read_weights, save_weights
 from msn_ds.reference import ReferenceCheckpointError, load_reference
+from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "import_msn.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = cpu_env()
 HIDDEN, OUT, K = 96, 48, 10  # not the default 2048/256: dims must be read from the shapes
 
 

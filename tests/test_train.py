@@ -11,9 +11,10 @@ import torch
 from msn_ds.checkpoint import load_encoder
 from msn_ds.config import load_config
 from msn_ds.flops import StepShape
+from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = cpu_env()
 
 
 def train(args, nproc=1, timeout=600, launcher="torchrun"):

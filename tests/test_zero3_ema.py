@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -15,7 +16,7 @@ def test_sharded_ema_equals_unsharded(tmp_path, dtype, out_tol):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", os.path.join(HERE, "dist_zero3_ema.py"), dtype,
                         str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env=cpu_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
