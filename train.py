@@ -145,9 +145,10 @@ def main(argv=None) -> int:
             due = monitor.due(step)
             checkpoint = step % spe == 0 or (every and step % every == 0)
             try:  # the flags of the step before (or of all, where we sync anyway)
-                for s in trainer.poll(None if due or checkpoint or step >= total else step - 2):
+                for s, run in trainer.poll(None if due or checkpoint or step >= total
+                                           else step - 2):
                     log.warning("step %d: non-finite loss, update and EMA skipped (%d in a "
-                                "row)", s, trainer.nonfinite_run)
+                                "row)", s, run)
             except FloatingPointError as e:  # too many non-finite losses in a row
                 log.error("%s; saving the last good state (step %d) and stopping", e, step)
                 save()

@@ -314,16 +314,16 @@ class MSNTrainer:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
         return flags
 
-    def poll(self, upto: Optional[int] = None) -> list[int]:
-        """Read the flags of the steps ``<= upto`` (all when None): returns the steps that
-        were skipped, sets :attr:`stop_agreed`, and raises FloatingPointError after
+    def poll(self, upto: Optional[int] = None) -> list[tuple[int, int]]:
+        """Read the flags of the steps ``<= upto`` (all when None): returns ``(step, skips in
+        a row)`` for the steps that were skipped, sets :attr:`stop_agreed`, and raises FloatingPointError after
         ``nonfinite_patience`` consecutive skips. Every process reads the same reduced
         flags at the same step, so all of them stop together."""
         skipped = []
         for step, (finite, neg_stop) in self.flags.ready(upto):
             if finite < 0.5:
                 self.nonfinite_run += 1
-                skipped.append(step)
+                skipped.append((step, self.nonfinite_run))
                 if self.nonfinite_run >= self.nonfinite_patience:
                     raise FloatingPointError(f"{self.nonfinite_run} consecutive non-finite "
                                              f"losses (last at step {step}); stopping")

@@ -10,7 +10,7 @@ the FLOPs per image of msn_ds/flops.py over the step's actual token counts.
     python scripts/bench_step.py --models vit_small_16 vit_base_16 --batch-sizes 64 256 \\
         --deepspeed_config ds_configs/zero1_bf16.json
     python scripts/bench_step.py --models vit_large_7 --batch-sizes 32 --find-max-batch \\
-        --deepspeed_config ds_configs/zero2_bf16.json meta.activation_checkpointing=1
+        --nproc 8 --deepspeed_config ds_configs/zero3_bf16.json meta.activation_checkpointing=1
     # CPU smoke run (CI): tiny model, small views
     DS_ACCELERATOR=cpu python scripts/bench_step.py --models vit_pico_4 --batch-sizes 8 \\
         --deepspeed_config ds_configs/zero0_fp32.json data.rand_size=32 data.focal_size=16 \\
@@ -18,15 +18,35 @@ the FLOPs per image of msn_ds/flops.py over the step's actual token counts.
 
 Extra ``section.key=value`` arguments override --config (default: the reference ViT-S/16
 recipe, 224 px target and anchor views, 10 focal 96 px views, patch drop 0.15).
+
+Every (model, batch) trial and every ``--find-max-batch`` probe runs in a fresh child process,
+because a torn-down engine does not give all its memory back (ZeRO-3 engines outlive
+``destroy()`` and ``gc``), so a later trial in the same process would see less of the GPU.
+Run this script as one plain process: it checks every config, then starts per trial either
+``python scripts/bench_step.py --trial SPEC`` or, with ``--nproc N``,
+``python -m torch.distributed.run --standalone --nproc_per_node N scripts/bench_step.py
+--trial SPEC`` (one node). The child builds and times the step and writes its row as JSON;
+the parent prints the table. Child logs go to the parent's stderr, the table to its stdout.
+A trial that runs out of device memory becomes an "out of memory" row (a child process that
+hits it exits with code 3); one that fails otherwise, or outlives ``--trial-timeout``, becomes
+an error row, the benchmark goes on, and the parent exits 1 at the end (2: a bad config,
+before any child starts).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import glob
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import traceback
 
 import torch
 
@@ -38,7 +58,33 @@ from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_sche
 from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
 from msn_ds.monitor import peak_memory_gib  # noqa: E402
 
-OOM = (torch.OutOfMemoryError,)
+OOM_EXIT = 3  # a trial child's exit code when it ran out of device memory
+OOM_ERROR = "out of memory"
+# Test seam: a child whose batch per device equals this variable raises FAKE_OOM_MESSAGE.
+FAKE_OOM_ENV = "MSN_BENCH_FAKE_OOM_BATCH"
+FAKE_OOM_MESSAGE = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"
+# How CUDA, cuBLAS, cuDNN and NCCL word a failed allocation (lower case; matched in the text).
+OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+               "cudnn_status_not_enough_workspace", "cudaerrormemoryallocation")
+# Launcher variables a child must not inherit from an enclosing launcher or job.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from or while handling) is a failed device
+    allocation. Only part of them are ``torch.OutOfMemoryError``: cuBLAS/cuDNN handle and
+    workspace allocations, NCCL buffers and raw CUDA errors arrive as plain RuntimeErrors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def synthetic_views(cfg: dict, batch: int, device: torch.device) -> list[torch.Tensor]:
@@ -84,6 +130,8 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
     batch = cfg["criterion"]["batch_size"]
     views = synthetic_views(cfg, batch, device)
     try:
+        if os.environ.get(FAKE_OOM_ENV) == str(batch):
+            raise RuntimeError(FAKE_OOM_MESSAGE)
         for i in range(warmup):
             trainer.step(views, i)
         if device.type == "cuda":
@@ -114,23 +162,152 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
             torch.cuda.empty_cache()
 
 
-def fits(cfg_for, ds_path: str, batch: int) -> bool:
+def trial_config(spec: dict) -> dict:
+    return load_config(spec["config"], [*spec["overrides"], f"meta.model_name={spec['model']}",
+                                        f"criterion.batch_size={spec['batch']}"],
+                       check_paths=False)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)  # the parent never reads half a report
+
+
+def trial_main(spec: dict) -> int:
+    """Child side of one trial: run the step, then write a report to ``<out>.rank<R>.json``
+    (rank 0: the row, with its pid; any rank that fails: its error). A failing child leaves by ``os._exit``:
+    its peers may be stuck in a collective, and tearing down their process group would hang."""
+    D.setup_env()
+    report = f"{spec['out']}.rank{os.environ['RANK']}.json"
     try:
-        run_one(cfg_for(batch), ds_path, steps=1, warmup=1)
-        return True
-    except OOM:
-        gc.collect()
-        torch.cuda.empty_cache()
-        return False
+        D.init_process_group()
+        row = run_one(trial_config(spec), spec["ds_path"], spec["steps"], spec["warmup"])
+        row["pid"] = os.getpid()
+    except Exception as e:  # noqa: BLE001  every failure must reach the parent as a report
+        oom = is_oom(e)
+        traceback.print_exc()
+        line = traceback.format_exception_only(type(e), e)[-1].strip()
+        _write_json(report, {"error": OOM_ERROR if oom else line})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(OOM_EXIT if oom else 1)
+    if D.is_main():
+        _write_json(report, row)
+    D.cleanup()
+    return 0
 
 
-def find_max_batch(cfg_for, ds_path: str, start: int, limit: int = 4096) -> int:
+class TrialFailed(RuntimeError):
+    """A trial child failed for a reason other than out-of-memory."""
+
+
+def _child_env(nproc: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env["PYTHONUNBUFFERED"] = "1"  # its log lines reach us in order, as they happen
+    if nproc == 1:  # setup_env then makes a world of one on a free port; RANK keeps it from
+        env["RANK"] = env["LOCAL_RANK"] = "0"  # taking an enclosing SLURM job's task count
+    return env
+
+
+def _tee(stream, dest, keep: collections.deque) -> None:
+    for line in stream:
+        keep.append(line)
+        try:
+            dest.write(line)
+            dest.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """End the child and everything it started (torchrun's workers): SIGTERM, then SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _launch(cmd: list[str], env: dict, timeout: float) -> tuple[int | None, list[str]]:
+    """Run ``cmd`` in its own session, copying its output to our stderr; return its exit
+    code (None if it ran past ``timeout`` and was stopped) and its last stderr lines."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", start_new_session=True)
+    err_tail: collections.deque = collections.deque(maxlen=50)
+    readers = [threading.Thread(target=_tee, args=(stream, sys.stderr, keep), daemon=True)
+               for stream, keep in ((proc.stdout, collections.deque(maxlen=1)),
+                                    (proc.stderr, err_tail))]
+    for t in readers:
+        t.start()
+    rc = None
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if proc.poll() is None:  # timed out, or we are being interrupted
+            _stop_group(proc)
+    for t in readers:
+        t.join(10)
+    return rc, list(err_tail)
+
+
+def run_trial(spec: dict) -> tuple[str, dict]:
+    """One trial in a fresh child: ("ok", row), ("oom", row) or ("error", row), the last two
+    rows carrying an ``error``. ``spec`` is the child's (model, batch, config, overrides,
+    ds_path, steps, warmup) plus the launch keys ``nproc`` and ``timeout``."""
+    nproc, timeout = int(spec.get("nproc", 1)), float(spec.get("timeout", 900))
+    head = {"model": spec["model"], "batch_per_device": spec["batch"]}
+    script = os.path.abspath(__file__)
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        out = os.path.join(tmp, "trial")
+        arg = json.dumps({**spec, "out": out})
+        cmd = [sys.executable, script, "--trial", arg] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={nproc}", script, "--trial", arg]
+        rc, err_tail = _launch(cmd, _child_env(nproc), timeout)
+        reports = {}
+        for path in glob.glob(out + ".rank*.json"):
+            with open(path) as f:
+                reports[int(path.rsplit(".rank", 1)[1][:-len(".json")])] = json.load(f)
+    errors = [reports[r]["error"] for r in sorted(reports) if "error" in reports[r]]
+    if rc == OOM_EXIT or OOM_ERROR in errors:  # a peer of the OOM rank may fail differently
+        return "oom", {**head, "error": OOM_ERROR}
+    if rc == 0 and "step_ms" in reports.get(0, {}):
+        return "ok", reports[0]
+    if rc is None:
+        why = f"timed out after {timeout:g} s"
+    elif errors:
+        why = errors[0]
+    else:
+        lines = [ln.strip() for ln in err_tail if ln.strip().strip("=")]
+        why = lines[-1] if lines else f"exit code {rc}"
+    return "error", {**head, "error": f"failed: {why}"}
+
+
+def fits(spec_for, ds_path: str, batch: int) -> bool:
+    """Whether one warm-up and one timed step at ``batch`` run, in a fresh child. A failure
+    other than out-of-memory says nothing about memory, so it raises TrialFailed."""
+    status, row = run_trial({**spec_for(batch), "ds_path": ds_path, "steps": 1, "warmup": 1})
+    if status == "error":
+        raise TrialFailed(f"batch {batch}: {row['error']}")
+    return status == "ok"
+
+
+def find_max_batch(spec_for, ds_path: str, start: int, limit: int = 4096) -> int:
     """Largest batch per device that runs a step: doubling from ``start`` until one does not
-    fit, then bisection to a multiple of 8 (any batch below 16); 0 if not even a batch of 1 fits."""
+    fit, then bisection to a multiple of 8 (any batch below 16); 0 if not even a batch of 1 fits.
+    ``spec_for(batch)`` gives the trial spec that ``fits`` runs."""
     lo, hi = 0, None
     b = start
     while b <= limit:
-        if fits(cfg_for, ds_path, b):
+        if fits(spec_for, ds_path, b):
             lo, b = b, b * 2
         else:
             hi = b
@@ -141,7 +318,7 @@ def find_max_batch(cfg_for, ds_path: str, start: int, limit: int = 4096) -> int:
     first, last = 0, len(grid)  # bisection over the grid: fitting is monotone in the batch
     while first < last:
         mid = (first + last) // 2
-        if fits(cfg_for, ds_path, grid[mid]):
+        if fits(spec_for, ds_path, grid[mid]):
             lo, first = grid[mid], mid + 1
         else:
             last = mid
@@ -174,7 +351,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--find-max-batch", action="store_true",
                    help="also search the largest batch per device that fits, per model")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (GPUs) per trial, on this node, via torch.distributed.run")
+    p.add_argument("--trial-timeout", type=float, default=900.0,
+                   help="seconds before a trial's processes are stopped and it counts as failed")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--trial", default=None, help=argparse.SUPPRESS)  # child: a JSON trial spec
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_intermixed_args(argv)
@@ -182,52 +364,60 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    D.setup_env()
+    if args.trial is not None:
+        return trial_main(json.loads(args.trial))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: run bench_step.py as one process; --nproc N starts N per trial",
+              file=sys.stderr)
+        return 2
+    if args.nproc < 1:
+        print(f"error: --nproc {args.nproc}: need at least 1", file=sys.stderr)
+        return 2
 
-    def cfg_for(model: str):
+    def spec_for(model: str):
         def make(batch: int) -> dict:
-            return load_config(args.config, [*args.overrides, f"meta.model_name={model}",
-                                             f"criterion.batch_size={batch}"], check_paths=False)
+            return {"model": model, "batch": batch, "config": args.config,
+                    "overrides": list(args.overrides), "nproc": args.nproc,
+                    "timeout": args.trial_timeout}
         return make
 
-    try:  # every config is checked before the first engine is built
+    try:  # every config is checked before the first child starts
         for model in args.models:
             for b in args.batch_sizes:
-                cfg = cfg_for(model)(b)
-                resolve_ds_config(read_ds_config(args.deepspeed_config), cfg,
-                                  int(os.environ["WORLD_SIZE"]), args.deepspeed_config)
+                cfg = trial_config(spec_for(model)(b))
+                resolve_ds_config(read_ds_config(args.deepspeed_config), cfg, args.nproc,
+                                  args.deepspeed_config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rows = []
+    rows, failed = [], False
     for model in args.models:
         for b in args.batch_sizes:
-            try:
-                rows.append(run_one(cfg_for(model)(b), args.deepspeed_config, args.steps,
-                                    args.warmup))
-            except OOM:
-                rows.append({"model": model, "batch_per_device": b, "error": "out of memory"})
+            status, row = run_trial({**spec_for(model)(b), "ds_path": args.deepspeed_config,
+                                     "steps": args.steps, "warmup": args.warmup})
+            rows.append(row)
+            failed |= status == "error"
         if args.find_max_batch:
-            best = find_max_batch(cfg_for(model), args.deepspeed_config, min(args.batch_sizes))
-            rows.append({"model": model, "batch_per_device": best,
-                         "error": "largest batch per device that fits"})
-    if D.is_main():
-        cfg0 = cfg_for(args.models[0])(args.batch_sizes[0])
-        d = cfg0["data"]
-        print(f"\nMSN step: {os.path.basename(args.deepspeed_config)}, {D.world_size()} "
-              f"process(es), views {1 + d['rand_views']}x{d['rand_size']} + "
-              f"{d['focal_views']}x{d['focal_size']}, patch drop {d['patch_drop']}, "
-              f"{args.steps} timed steps after {args.warmup}")
-        print(format_table(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-    D.cleanup()
-    return 0
+            try:
+                best = find_max_batch(spec_for(model), args.deepspeed_config,
+                                      min(args.batch_sizes))
+                rows.append({"model": model, "batch_per_device": best,
+                             "error": "largest batch per device that fits"})
+            except TrialFailed as e:
+                rows.append({"model": model, "batch_per_device": 0,
+                             "error": f"max-batch search {e}"})
+                failed = True
+    d = trial_config(spec_for(args.models[0])(args.batch_sizes[0]))["data"]
+    print(f"\nMSN step: {os.path.basename(args.deepspeed_config)}, {args.nproc} "
+          f"process(es), views {1 + d['rand_views']}x{d['rand_size']} + "
+          f"{d['focal_views']}x{d['focal_size']}, patch drop {d['patch_drop']}, "
+          f"{args.steps} timed steps after {args.warmup}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

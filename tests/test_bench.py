@@ -1,11 +1,13 @@
-"""scripts/bench_step.py: the real step on the CPU with a tiny model prints its table; the
-max-batch search finds the boundary."""
+"""scripts/bench_step.py: the real step on the CPU with a tiny model prints its table; each
+trial runs in its own child process, and a child's out-of-memory, failure or hang becomes a row;
+the max-batch search finds the boundary."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -14,6 +16,7 @@ import bench_step  # noqa: E402
 from msn_ds.config import load_config  # noqa: E402
 from msn_ds.flops import StepShape  # noqa: E402
 
+CPU_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
 TINY = ["data.rand_size=32", "data.focal_size=16", "data.focal_views=2", "meta.hidden_dim=64",
         "meta.output_dim=32", "criterion.num_proto=64"]
 
@@ -60,3 +63,115 @@ def test_find_max_batch_search(monkeypatch, largest, start):
     tried.clear()  # starting above the limit searches below it
     again = bench_step.find_max_batch(lambda b: b, "x", largest + 1)
     assert again <= largest < again + (8 if again >= 16 else 1) or largest >= 4096
+
+
+def run_bench(tmp_path, batch_sizes, env=CPU_ENV):
+    """The benchmark as a user runs it; returns (exit code, stdout, stderr, rows, parent pid)."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.Popen([sys.executable, "scripts/bench_step.py", "--models", "vit_pico_4",
+                             "--batch-sizes", *map(str, batch_sizes), "--deepspeed_config",
+                             "ds_configs/zero0_fp32.json", "--steps", "1", "--warmup", "1",
+                             "--json", str(out), *TINY],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    stdout, stderr = proc.communicate(timeout=600)
+    rows = json.loads(out.read_text()) if out.exists() else None
+    return proc.returncode, stdout, stderr, rows, proc.pid
+
+
+def test_each_trial_runs_in_its_own_child(tmp_path):
+    rc, stdout, stderr, rows, parent = run_bench(tmp_path, [4, 8])
+    assert rc == 0, stderr[-3000:]
+    assert [r["batch_per_device"] for r in rows] == [4, 8]
+    assert all(r["step_ms"] > 0 for r in rows)
+    pids = {r["pid"] for r in rows}
+    assert len(pids) == 2 and parent not in pids
+
+
+def test_oom_in_a_child_is_a_row_and_the_next_trial_runs(tmp_path):
+    env = {**CPU_ENV, bench_step.FAKE_OOM_ENV: "4"}
+    rc, stdout, stderr, rows, _ = run_bench(tmp_path, [4, 8], env)
+    assert rc == 0, stderr[-3000:]  # out-of-memory is a result, not a failure
+    assert rows[0] == {"model": "vit_pico_4", "batch_per_device": 4, "error": "out of memory"}
+    assert rows[1]["batch_per_device"] == 8 and rows[1]["step_ms"] > 0
+    assert "out of memory" in stdout and "CUBLAS_STATUS_ALLOC_FAILED" in stderr
+
+
+def trial_spec(**kw):
+    return {"model": "vit_pico_4", "batch": 4, "config": "configs/pretrain/msn_vits16.yaml",
+            "overrides": TINY, "ds_path": "ds_configs/zero0_fp32.json", "steps": 1,
+            "warmup": 1, **kw}
+
+
+def test_failed_or_hung_child_is_an_error_row(monkeypatch):
+    for k, v in CPU_ENV.items():
+        monkeypatch.setenv(k, v)
+    status, row = bench_step.run_trial(trial_spec(model="vit_nope"))  # only the child checks
+    assert status == "error" and "ConfigError" in row["error"] and "vit_nope" in row["error"]
+    status, row = bench_step.run_trial(trial_spec(timeout=1))  # still importing after 1 s
+    assert (status, row["error"]) == ("error", "failed: timed out after 1 s")
+
+
+@pytest.mark.parametrize("message", [
+    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total capacity)",
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "CUDA driver error: cudaErrorMemoryAllocation",
+    "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO "
+    "for details), NCCL version 2.21.5\nncclUnhandledCudaError: Call to CUDA function failed."
+    "\nLast error:\nCuda failure 2 'out of memory'",
+])
+def test_is_oom(message):
+    assert bench_step.is_oom(RuntimeError(message))
+    try:  # a wrapper raised from (or while handling) the allocation failure is one too
+        try:
+            raise RuntimeError(message)
+        except RuntimeError as e:
+            raise RuntimeError("step failed") from e
+    except RuntimeError as wrapped:
+        assert bench_step.is_oom(wrapped)
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("NCCL error: unhandled system error, NCCL version 2.21.5"),
+    RuntimeError("Connection closed by peer [127.0.0.1]:29500"),
+    ValueError("shape mismatch"), MemoryError()])
+def test_is_not_oom(exc):
+    assert not bench_step.is_oom(exc)
+
+
+def test_is_oom_by_type():
+    assert bench_step.is_oom(torch.OutOfMemoryError())
+
+
+def test_parent_exit_code_and_fits(monkeypatch, tmp_path, capsys):
+    """Out-of-memory is an answer (exit 0, fits() False); any other failure is an error row,
+    exit 1, and stops that model's max-batch search."""
+    outcome = {4: "ok", 8: "oom", 16: "error"}
+
+    def fake_run_trial(spec):
+        b = spec["batch"]
+        row = {"model": spec["model"], "batch_per_device": b}
+        if outcome[b] == "ok":
+            return "ok", {**row, "step_ms": 1.0, "img_per_s": 4e3, "peak_gib": 0.1,
+                          "gflop_per_image": 1.0, "tflops_per_device": 4.0, "mfu": None}
+        return outcome[b], {**row, "error": "out of memory" if outcome[b] == "oom" else "failed: x"}
+    monkeypatch.setattr(bench_step, "run_trial", fake_run_trial)
+    spec_for = lambda b: trial_spec(batch=b)  # noqa: E731
+    assert bench_step.fits(spec_for, "x", 4) and not bench_step.fits(spec_for, "x", 8)
+    with pytest.raises(bench_step.TrialFailed, match="batch 16: failed: x"):
+        bench_step.fits(spec_for, "x", 16)
+    base = ["--models", "vit_pico_4", "--deepspeed_config", "ds_configs/zero0_fp32.json",
+            "--json", str(tmp_path / "rows.json"), *TINY]
+    monkeypatch.chdir(ROOT)
+    assert bench_step.main([*base, "--batch-sizes", "4", "8"]) == 0
+    assert bench_step.main([*base, "--batch-sizes", "4", "16"]) == 1
+    assert json.loads((tmp_path / "rows.json").read_text())[1]["error"] == "failed: x"
+    outcome[8] = "error"  # a probe that crashes ends the search with an error row
+    assert bench_step.main([*base, "--batch-sizes", "4", "--find-max-batch"]) == 1
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows[-1]["error"] == "max-batch search batch 8: failed: x"
+    assert "largest batch" not in capsys.readouterr().out

@@ -121,7 +121,7 @@ def test_nonfinite_step_is_skipped_on_the_device():
     after = list(model.parameters()) + list(target.parameters())
     assert out.skipped.item() == 1.0
     assert all(torch.equal(b, a) for b, a in zip(before, after))
-    assert trainer.poll() == [1] and trainer.nonfinite_run == 1
+    assert trainer.poll() == [(1, 1)] and trainer.nonfinite_run == 1
     trainer.criterion.forward = real
     out = trainer.step(views(cfg), 2)
     assert out.skipped.item() == 0.0 and trainer.poll() == [] and trainer.nonfinite_run == 0
