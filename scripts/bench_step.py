@@ -54,7 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds import distributed as D  # noqa: E402
 from msn_ds.config import ConfigError, load_config  # noqa: E402
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,  # noqa: E402
-                           init_deepspeed, init_target, read_ds_config, resolve_ds_config)
+                           configure_precision, init_deepspeed, init_target, read_ds_config,
+                           resolve_ds_config)
 from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
 from msn_ds.monitor import peak_memory_gib  # noqa: E402
 
@@ -127,6 +128,7 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
                          build_schedules(cfg, steps_per_epoch=1000), cfg)
     device = engine.device if isinstance(engine.device, torch.device) \
         else torch.device(engine.device)
+    configure_precision(device)  # TF32 for fp32 runs on CUDA, as train.py
     batch = cfg["criterion"]["batch_size"]
     views = synthetic_views(cfg, batch, device)
     try:
