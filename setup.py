@@ -19,11 +19,13 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dali": ["nvidia-dali-cuda120"],
+        # DALI's CUDA major must match torch's: the pinned torch 2.14.1 (and torch 2.11 on the
+        # GPU nodes) are cu13 builds, so nvidia-dali-cuda130 (for a cu12 torch: -cuda120)
+        "dali": ["nvidia-dali-cuda130"],
         "eval": ["cyanure"],
         "demo": ["mlxtend>=0.23"],
-        # DALI runs its tests in CPU mode (device_id=None); the CUDA 12 wheel works without a GPU
+        # DALI runs its tests in CPU mode (device_id=None); the CUDA 13 wheel works without a GPU
         # cyanure: the reference's solver, for the solver-equivalence test
-        "test": ["pytest>=7", "mlxtend>=0.23", "nvidia-dali-cuda120", "cyanure"],
+        "test": ["pytest>=7", "mlxtend>=0.23", "nvidia-dali-cuda130", "cyanure"],
     },
 )

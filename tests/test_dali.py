@@ -6,10 +6,12 @@ should agree view by view, not only in distribution. Measured on synthetic smoot
 jitter, 0.03 with it (hue is a rotation in DALI, an HSV shift in torchvision); output
 mean/std per channel within 0.01.
 """
+import gc
 import io
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -360,3 +362,105 @@ def test_views_grid_greys_the_dropped_patches(folder):
         dali_views = preview_batch(ds, "dali", 3)
         for a, b in zip(views, dali_views):
             assert ((a - b) * STD).abs().mean() < 0.05
+
+
+def dali_loader(root, batch, host_workers):
+    """A CPU DALI loader over ``write_bad_folder``'s files whose probe is told that
+    notimage.png is a plain JPEG/PNG, so that DALI fails on it and ``_recover`` runs."""
+    from msn_ds.data.dali import DaliMultiCropLoader
+
+    ds = MultiViewImageFolder(root, MultiCropTransform(32, 16, 1, 2), seed=0)
+    loader = DaliMultiCropLoader(ds, GlobalBatchSampler(len(ds), batch, seed=0), num_threads=1,
+                                 host_workers=host_workers)
+    notimage = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("notimage.png")][0]
+    loader._status[notimage], loader._shape[notimage] = 1, (10, 10)  # a probe miss: _recover
+    return loader
+
+
+def epoch(loader, e, start_batch=0, stop=None):
+    loader.set_epoch(e, start_batch)
+    out = []
+    for views, labels, skipped in loader:
+        out.append(([v.clone() for v in views], labels, skipped))
+        if len(out) == stop:
+            break  # leave the epoch early
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids, timeout=60):
+    """True once none of ``pids`` runs (by pid: the pool's own thread reaps them)."""
+    deadline = time.time() + timeout
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return not any(alive(p) for p in pids)
+
+
+def test_host_workers_yield_the_same_batches(tmp_path):
+    """Worker processes change where the host work runs, not a bit of what is fed: the same
+    views, labels, skip counts and bad-file list as in the consumer's thread, through a DALI
+    decode failure (_recover), a mid-epoch resume and an epoch left early."""
+    pytest.importorskip("nvidia.dali")
+    bad = write_bad_folder(tmp_path / "train")
+    root = str(tmp_path / "train")
+    ref, par = dali_loader(root, 4, 0), dali_loader(root, 4, 2)
+    plan = [(0, 0, None), (1, 2, None), (2, 0, 1), (3, 0, None)]  # (epoch, start, stop)
+    skipped = 0
+    for e, start, stop in plan:
+        a, b = epoch(ref, e, start, stop), epoch(par, e, start, stop)
+        assert len(a) == len(b) == (stop or 4 - start), e
+        for (av, al, ask), (bv, bl, bsk) in zip(a, b):
+            assert all(torch.equal(x, y) for x, y in zip(av, bv)), e
+            assert torch.equal(al, bl) and ask == bsk, e
+            skipped += bsk
+        assert not par._inflight  # nothing computed ahead survives the epoch
+    assert skipped > 0
+    assert ref.bad_files == par.bad_files  # the same files, logged in the same order
+    assert sorted(os.path.basename(p) for p in par.bad_files) == sorted(bad)
+    assert np.array_equal(ref._status, par._status)
+    pids = list(par._pool._processes)
+    assert len(pids) == 2 and all(alive(p) for p in pids)
+    par.close()
+    assert not any(alive(p) for p in pids)
+
+
+def test_host_workers_stop_with_the_loader(tmp_path):
+    """An epoch left early, then the loader dropped: its workers exit."""
+    pytest.importorskip("nvidia.dali")
+    write_bad_folder(tmp_path / "train")
+    loader = dali_loader(str(tmp_path / "train"), 4, 1)
+    assert len(epoch(loader, 0, stop=1)) == 1
+    pids = list(loader._pool._processes)
+    assert len(pids) == 1 and alive(pids[0])
+    del loader
+    gc.collect()
+    assert wait_gone(pids)
+
+
+def test_host_workers_do_not_hold_up_exit(tmp_path):
+    """An interpreter that ends with a live loader mid-epoch exits, and so do its workers."""
+    pytest.importorskip("nvidia.dali")
+    write_bad_folder(tmp_path / "train")
+    script = f"""
+import sys
+sys.path[:0] = {[ROOT, os.path.dirname(os.path.abspath(__file__))]!r}
+from test_dali import dali_loader, epoch
+if __name__ == "__main__":
+    loader = dali_loader({str(tmp_path / "train")!r}, 4, 2)
+    epoch(loader, 0, stop=1)
+    it = iter(loader)
+    next(it)  # a suspended epoch with batches in flight
+    print(*loader._pool._processes, flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2 and wait_gone(pids, 30)

@@ -15,6 +15,16 @@ path's own transform objects seeded with ``seed_for(seed, epoch, index, view)``
 (:mod:`.replay`), and passed as per-sample arguments. So for the same image and view both
 loaders use the same crop window, flip, jitter factors, grayscale and blur sigma.
 
+Where the host work runs: reading, probing and replaying cost about 0.3-0.7 s per batch of
+256 on one core, which would otherwise sit on the training thread (DALI calls the source
+there). With ``host_workers > 0`` spawned processes compute the next ``2 * host_workers``
+batches while the step runs, and the callback only collects them in sampler order. Every
+worker's file caches are functions of the files' bytes (plus the corrections ``_recover``
+sends), so the batches are bit-identical to ``host_workers=0``, which does it in-thread.
+DALI's own ``parallel=True`` source is not used: it freezes the callback at build time
+(epoch, resume point, corrections) and has no way back for the files a worker finds
+unreadable, which must be counted and logged once.
+
 What matches torchvision exactly: the file order, which files are skipped (as far as the
 probe below agrees with PIL), every random parameter above, the crop box in pixels,
 ImageNet normalisation, the pixels of any file that is not a plain 8-bit RGB/gray JPEG/PNG
@@ -38,6 +48,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle
+import weakref
 from collections import deque
 from typing import Optional, Sequence
 
@@ -119,26 +131,146 @@ def build_pipeline(source, view_sizes: Sequence[int], batch_size: int, num_threa
     return pipe()
 
 
+# Host worker processes when the caller does not say, with a GPU: two take the host half
+# (0.3-0.7 s per batch of 256 on one core) off the training thread for any step of 0.35 s or
+# more. On the CPU (tests, previews; never chosen by data.loader=auto) none: DALI's own
+# threads already use the cores, and a one-batch preview should not start processes.
+DEFAULT_GPU_HOST_WORKERS = 2
+
+
+class HostError(RuntimeError):
+    """The host half of a batch failed (no readable file, a worker died): raised as it is,
+    never taken for a file DALI cannot decode."""
+
+
+class _HostReader:
+    """The host half of a batch: each sample's file bytes (the next readable file from the
+    requested index) and its views' replayed parameters.
+
+    Picklable, so that every host worker holds its own copy. Its caches (probe status and
+    size per file, why a file is unreadable) are functions of the files' bytes alone, so all
+    copies produce the same batch for the same items; what a copy learns is returned with the
+    batch (``seen``) for the loader to merge, count and log once.
+    """
+
+    def __init__(self, samples, transform: MultiCropTransform, seed: int, root: str,
+                 status: np.ndarray, shape: np.ndarray):
+        self.samples, self.transform, self.seed, self.root = samples, transform, seed, root
+        self.status, self.shape = status, shape
+        self.reasons: dict[int, str] = {}
+
+    def _bad(self, i: int, reason: str) -> None:
+        self.status[i] = BAD
+        self.reasons.setdefault(i, reason)
+
+    def read(self, i: int) -> Optional[bytes]:
+        """Bytes to hand DALI for file ``i``, or None if it is unreadable."""
+        try:
+            with open(self.samples[i][0], "rb") as f:
+                data = f.read()
+        except OSError as e:
+            self._bad(i, f"{type(e).__name__}: {e}")
+            return None
+        if self.status[i] == 0:
+            pr = probe(data)
+            if pr.status == BAD:
+                self._bad(i, pr.reason)
+                return None
+            self.status[i], self.shape[i] = pr.status, (pr.height, pr.width)
+        if self.status[i] == TRANSCODE:
+            try:
+                return to_ppm(decode_rgb(data))
+            except Exception as e:  # changed on disk since the probe
+                self._bad(i, f"{type(e).__name__}: {e}")
+                return None
+        return data if self.status[i] == RAW else None
+
+    def sample(self, epoch: int, index: int, seen: list):
+        """Like ``MultiViewImageFolder.__getitem__``: the next readable file from ``index``,
+        with the views seeded by the *requested* index."""
+        n = len(self.samples)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            data = None if self.status[i] == BAD else self.read(i)
+            if data is None:
+                seen.append((i, BAD, 0, 0, self.reasons.get(i, "")))
+                continue
+            h, w = (int(x) for x in self.shape[i])
+            seen.append((i, int(self.status[i]), h, w, ""))
+            params = []
+            for v in range(self.transform.num_views):
+                t = self.transform.rand if v < self.transform.num_rand else self.transform.focal
+                torch.default_generator.manual_seed(seed_for(self.seed, epoch, index, v))
+                params.append(view_vector(replay(t, h, w)))
+            return i, data, params, attempt
+        raise HostError(f"no readable image in {self.root}")
+
+    def batch(self, items: list[tuple[int, int]]):
+        """``(bytes per sample, meta (B, 2) int64 [label, skipped], view arguments (views,
+        B, 11) float32, seen: (file, status, height, width, reason) of every file looked at)``."""
+        data, meta, seen = [], [], []
+        views = np.empty((self.transform.num_views, len(items), 11), np.float32)
+        with torch.random.fork_rng(devices=[]):  # the replay must not move the caller's RNG
+            for b, (epoch, index) in enumerate(items):
+                i, d, params, skipped = self.sample(epoch, index, seen)
+                data.append(d)
+                meta.append((self.samples[i][1], skipped))
+                views[:, b] = params
+        return data, np.array(meta, np.int64), views, seen
+
+
+_worker_reader: Optional[_HostReader] = None
+
+
+def _worker_init(state: bytes) -> None:
+    global _worker_reader
+    torch.set_num_threads(1)  # tiny tensors only; more threads just contend
+    _worker_reader = pickle.loads(state)
+
+
+def _worker_batch(items: list[tuple[int, int]], forced: dict):
+    """One batch in a host worker, after the loader's corrections (``_recover``)."""
+    r = _worker_reader
+    for i, (status, h, w) in forced.items():
+        r.status[i], r.shape[i] = status, (h, w)
+    return r.batch(items)
+
+
 class DaliMultiCropLoader:
     """Iterates ``(views, labels, skipped)`` over ``dataset`` in ``sampler``'s order.
 
     ``dataset`` supplies ``samples`` (path, label), ``multi_transform`` (whose random draws
     are replayed) and ``seed``: a :class:`MultiViewImageFolder`, so both loaders share one
-    file list. ``device_id=None`` runs DALI on the CPU.
+    file list. ``device_id=None`` runs DALI on the CPU. ``host_workers``: processes that read
+    files and replay parameters ahead of DALI (0: in the consumer's thread; None:
+    ``DEFAULT_GPU_HOST_WORKERS`` with a GPU, else 0); the batches do not depend on it. They
+    start with the first epoch and stop on :meth:`close` or when the loader is collected.
     """
 
     def __init__(self, dataset, sampler: GlobalBatchSampler, num_threads: int = 2,
-                 device_id: Optional[int] = None, prefetch: int = 2):
+                 device_id: Optional[int] = None, prefetch: int = 2,
+                 host_workers: Optional[int] = None):
         self.dataset, self.sampler = dataset, sampler
         self.transform: MultiCropTransform = dataset.multi_transform
         self.batch_size = sampler.batch_size
         self.num_threads, self.device_id, self.prefetch = max(1, num_threads), device_id, prefetch
+        if host_workers is None:
+            host_workers = DEFAULT_GPU_HOST_WORKERS if device_id is not None else 0
+        self.host_workers = max(0, host_workers)
         n = len(dataset.samples)
         self._status = np.zeros(n, np.int8)
         self._shape = np.zeros((n, 2), np.int32)
+        self._reader = _HostReader(dataset.samples, self.transform, dataset.seed,
+                                   str(dataset.root), self._status, self._shape)
         self._pipe = None
         self._clean = False
         self._source, self._pending = iter(()), deque()
+        self._pool, self._finalizer = None, None
+        self._inflight: deque = deque()  # (items, future) submitted ahead, in sampler order
+        self._forced: dict = {}  # file -> (status, h, w) from _recover; replaced, not mutated,
+        # as queued worker tasks hold it
+        self._copied = None  # CUDA event after the last copy out of DALI
+        self._bad: set[int] = set()
         self.bad_files: list[str] = []
 
     @property
@@ -158,66 +290,6 @@ class DaliMultiCropLoader:
         return self.sampler.batches_per_epoch - self.sampler.start_batch
 
     # host side -------------------------------------------------------------------------
-    def _read(self, i: int) -> Optional[bytes]:
-        """Bytes to hand DALI for file ``i``, or None if it is unreadable."""
-        path = self.dataset.samples[i][0]
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            self._mark_bad(i, f"{type(e).__name__}: {e}")
-            return None
-        if self._status[i] == 0:
-            pr = probe(data)
-            if pr.status == BAD:
-                self._mark_bad(i, pr.reason)
-                return None
-            self._status[i], self._shape[i] = pr.status, (pr.height, pr.width)
-        if self._status[i] == TRANSCODE:
-            try:
-                return to_ppm(decode_rgb(data))
-            except Exception as e:  # changed on disk since the probe
-                self._mark_bad(i, f"{type(e).__name__}: {e}")
-                return None
-        return data if self._status[i] == RAW else None
-
-    def _mark_bad(self, i: int, reason: str) -> None:
-        if self._status[i] != BAD:
-            self._status[i] = BAD
-            self.bad_files.append(self.dataset.samples[i][0])
-            log.warning("skipping unreadable image %s: %s", self.dataset.samples[i][0], reason)
-
-    def _sample(self, epoch: int, index: int):
-        """Like ``MultiViewImageFolder.__getitem__``: the next readable file from ``index``,
-        with the views seeded by the *requested* index."""
-        n = len(self.dataset.samples)
-        for attempt in range(n):
-            i = (index + attempt) % n
-            if self._status[i] == BAD:
-                continue
-            data = self._read(i)
-            if data is None:
-                continue
-            h, w = self._shape[i]
-            params = []
-            for v in range(self.transform.num_views):
-                t = self.transform.rand if v < self.transform.num_rand else self.transform.focal
-                torch.default_generator.manual_seed(seed_for(self.dataset.seed, epoch, index, v))
-                params.append(view_vector(replay(t, int(h), int(w))))
-            return i, data, params, attempt
-        raise RuntimeError(f"no readable image in {self.dataset.root}")
-
-    def _host_batch(self, items: list[tuple[int, int]]):
-        encoded, meta, views = [], [], [[] for _ in range(self.transform.num_views)]
-        with torch.random.fork_rng(devices=[]):  # the replay must not move the caller's RNG
-            for epoch, index in items:
-                i, data, params, skipped = self._sample(epoch, index)
-                encoded.append(np.frombuffer(data, np.uint8))
-                meta.append(np.array([self.dataset.samples[i][1], skipped], np.int64))
-                for v, p in enumerate(params):
-                    views[v].append(p)
-        return items, encoded, meta, views
-
     def _batches(self):
         items = []
         for item in self.sampler:
@@ -226,11 +298,89 @@ class DaliMultiCropLoader:
                 yield items
                 items = []
 
+    def _start_pool(self) -> None:
+        """Spawn (never fork: CUDA may be initialised here) the host workers, each with a
+        copy of the reader as it is now; pickled once, not once per worker."""
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        state = pickle.dumps(self._reader, protocol=pickle.HIGHEST_PROTOCOL)
+        self._pool = ProcessPoolExecutor(self.host_workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_worker_init, initargs=(state,))
+        # on garbage collection or at exit: cancel what is queued; the workers finish the
+        # batch in hand and exit (no wait here)
+        self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False,
+                                           cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the host workers and wait for them to exit."""
+        self._drop_inflight()
+        if self._pool is not None:
+            self._finalizer.detach()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = self._finalizer = None
+
+    def _next_items(self) -> list[tuple[int, int]]:
+        """The next batch's items; with workers, first keep ``2 * host_workers`` batches
+        submitted ahead (in order: each future is collected in submission order)."""
+        if self._pool is None:
+            return next(self._source)
+        while len(self._inflight) < 2 * self.host_workers:
+            items = next(self._source, None)
+            if items is None:
+                break
+            self._inflight.append((items, self._pool.submit(_worker_batch, items, self._forced)))
+        if not self._inflight:
+            raise StopIteration
+        return self._inflight[0][0]
+
+    def _drop_inflight(self) -> list:
+        """Forget the batches submitted ahead (an epoch left early, or computed before a
+        correction); returns their items, in order."""
+        items = [it for it, _ in self._inflight]
+        for _, future in self._inflight:
+            future.cancel()  # a running one finishes in its worker and is ignored
+        self._inflight.clear()
+        return items
+
+    def _host_batch(self, items: list[tuple[int, int]]):
+        """The host inputs of one batch: collected from the worker that computed it ahead,
+        or computed here (no workers)."""
+        if self._pool is None:
+            data, meta, views, seen = self._reader.batch(items)
+        else:
+            submitted, future = self._inflight.popleft()
+            assert submitted is items
+            data, meta, views, seen = future.result()
+        self._learn(seen)
+        return items, [np.frombuffer(d, np.uint8) for d in data], meta, views
+
+    def _learn(self, seen) -> None:
+        """Merge what the reader that made a batch found out about its files."""
+        for i, status, h, w, reason in seen:
+            if status == BAD:
+                self._mark_bad(i, reason)
+            elif self._status[i] == 0:
+                self._status[i], self._shape[i] = status, (h, w)
+
+    def _mark_bad(self, i: int, reason: str) -> None:
+        self._status[i] = BAD
+        if i not in self._bad:
+            self._bad.add(i)
+            self.bad_files.append(self.dataset.samples[i][0])
+            log.warning("skipping unreadable image %s: %s", self.dataset.samples[i][0], reason)
+
     # DALI side -------------------------------------------------------------------------
     def _callback(self):
-        """Called by DALI (in this thread, ahead of use) for the next batch."""
-        items = next(self._source)  # StopIteration ends the epoch
-        _, encoded, meta, views = self._host_batch(items)
+        """Called by DALI (in the consumer's thread, ``prefetch`` batches ahead of use)."""
+        try:
+            items = self._next_items()  # StopIteration ends the epoch
+            _, encoded, meta, views = self._host_batch(items)
+        except (StopIteration, HostError):
+            raise
+        except Exception as e:  # e.g. a worker died
+            raise HostError(f"host side of a batch of {self.dataset.root} failed: "
+                            f"{type(e).__name__}: {e}") from e
         self._pending.append(items)
         return (encoded, meta, *views)
 
@@ -240,8 +390,17 @@ class DaliMultiCropLoader:
         self._pipe.build()
 
     def _to_torch(self, outputs):
-        """One copy out of DALI's buffers (reused by the next run) into torch memory on
-        DALI's device: no host round trip in GPU mode."""
+        """One copy out of DALI's buffers into torch memory on DALI's device: no host round
+        trip in GPU mode.
+
+        GPU ordering: this runs in the consumer's thread inside its ``next()``, so
+        ``current_stream`` is the stream the consumer uses the batch on; the fresh tensors are
+        allocated for it and the copies queued on it, so the consumer's kernels follow them.
+        A copy may still wait there behind earlier work when DALI is free to reuse its source
+        (outputs are "in use until the next call to run()", DALI docs, Pipeline Run Methods).
+        DALI's non-blocking ``copy_to_external`` orders the source's own stream after the copy,
+        but rather than rely on that internal, the event recorded here is waited for before
+        the next ``run()``, a rebuild or a reset (``_wait_for_copies``)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         *views, meta = outputs
@@ -253,29 +412,46 @@ class DaliMultiCropLoader:
             t = tl.as_tensor()
             tensors.append(feed_ndarray(t, torch.empty(t.shape(), dtype=torch.float32,
                                                        device=device), cuda_stream=stream))
+        if gpu:
+            self._copied = torch.cuda.Event()
+            self._copied.record(stream)
         meta = torch.from_numpy(np.array(meta.as_tensor()))
         return tensors, meta[:, 0].clone(), int(meta[:, 1].sum())
+
+    def _wait_for_copies(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
 
     def __iter__(self):
         if self._pipe is None or not self._clean:
             self._build()  # first epoch, or the caller left the previous one early
+        if self.host_workers and self._pool is None:
+            self._start_pool()
         self._source, self._pending, self._clean = self._batches(), deque(), False
-        while True:
-            try:
-                outputs = self._pipe.run()
-            except StopIteration:
-                break
-            except Exception as e:  # a file DALI cannot decode although the probe passed it
-                self._recover(e)
-                continue
-            self._pending.popleft()
-            yield self._to_torch(outputs)
+        try:
+            while True:
+                self._wait_for_copies()
+                try:
+                    outputs = self._pipe.run()
+                except StopIteration:
+                    break
+                except HostError:
+                    raise
+                except Exception as e:  # a file DALI cannot decode although the probe passed it
+                    self._recover(e)
+                    continue
+                self._pending.popleft()
+                yield self._to_torch(outputs)
+        finally:  # also when the consumer leaves the epoch early
+            self._wait_for_copies()
+            self._drop_inflight()
         self._pipe.reset()
         self._clean = True
 
     def _recover(self, error: Exception) -> None:
-        """Decide the failed batch's files with PIL (skip or transcode), rebuild the
-        pipeline and feed the batches in flight again."""
+        """Decide the failed batch's files with PIL (skip or transcode), tell the workers,
+        rebuild the pipeline and feed the batches in flight again."""
         if not self._pending:
             raise error
         changed = False
@@ -289,6 +465,8 @@ class DaliMultiCropLoader:
                     self._status[i] = TRANSCODE
                 except Exception as e:
                     self._mark_bad(i, f"{type(e).__name__}: {e}")
+                h, w = (int(x) for x in self._shape[i])
+                self._forced = {**self._forced, i: (int(self._status[i]), h, w)}
                 changed = True
         if not changed:
             raise RuntimeError(f"DALI failed on a batch of {self.dataset.root} whose files PIL "
@@ -296,6 +474,7 @@ class DaliMultiCropLoader:
         text = str(error).strip()
         log.warning("DALI could not decode a batch; its files were re-checked with PIL (%s)",
                     text.splitlines()[0] if text else type(error).__name__)
-        self._source = itertools.chain(list(self._pending), self._source)
+        # the batches computed ahead used the old statuses: compute them again
+        self._source = itertools.chain(list(self._pending) + self._drop_inflight(), self._source)
         self._pending = deque()
         self._build()

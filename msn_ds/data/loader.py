@@ -24,7 +24,7 @@ def resolve_loader(name: str) -> str:
         return "dali" if torch.cuda.is_available() and dali_available() else "torch"
     if name == "dali" and not dali_available():
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed "
-                           "(pip install nvidia-dali-cuda120, or data.loader=torch)")
+                           "(pip install nvidia-dali-cuda130, or data.loader=torch)")
     if name not in ("dali", "torch"):
         raise ValueError(f"data.loader must be dali, torch or auto, got {name!r}")
     return name
@@ -43,10 +43,13 @@ def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, wor
     sampler = GlobalBatchSampler(len(dataset), batch_size, world_size, rank, seed=seed)
     kind = resolve_loader(loader or data.get("loader", "auto"))
     if kind == "dali":
+        # data.num_workers: DALI's threads, and the host processes that read files and
+        # replay the views' random draws off the training thread (capped: ~0.4 GB each)
         it = DaliMultiCropLoader(dataset, sampler, num_threads=max(1, data["num_workers"]),
-                                 device_id=device_id)
-        log.info("data: DALI loader (%s, %d threads)",
-                 "CPU" if device_id is None else f"GPU {device_id}", it.num_threads)
+                                 device_id=device_id, host_workers=min(data["num_workers"], 4))
+        log.info("data: DALI loader (%s, %d threads, %d host workers)",
+                 "CPU" if device_id is None else f"GPU {device_id}", it.num_threads,
+                 it.host_workers)
         return dataset, sampler, it
     it = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=data["num_workers"],

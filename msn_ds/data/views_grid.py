@@ -31,7 +31,7 @@ def preview_batch(dataset, kind: str, num_samples: int, device_id: Optional[int]
         from .dali import DaliMultiCropLoader
 
         views, _, _ = next(iter(DaliMultiCropLoader(dataset, sampler, num_threads=1,
-                                                    device_id=device_id)))
+                                                    device_id=device_id, host_workers=0)))
         return [v.cpu() for v in views]
     items = itertools.islice(iter(sampler), num_samples)  # the first batch only
     views, _, _ = collate_views([dataset[item] for item in items])
