@@ -3,7 +3,9 @@
 The backbone is a plain timm ViT (``num_classes=0``), so its state dict loads into timm
 unchanged. What MSN needs on top of it lives here:
 
-* views of equal size are batched together (consecutive groups, as in the reference);
+* views of equal size are batched together (consecutive groups, as in the reference), and
+  the projection head runs once per group, so the masked views and the focal views each
+  get BatchNorm statistics of their own (the reference's ``forward``);
 * the position embedding is resampled bicubically for other grid sizes, exactly as the
   reference does (no anti-aliasing, unlike timm's ``resample_abs_pos_embed``);
 * a crop that the patch does not divide is floored (96 px at patch 7 gives 13x13 patches),
@@ -138,7 +140,8 @@ class MSNEncoder(nn.Module):
     """ViT backbone + projection head; ``forward(views)`` returns the head outputs.
 
     ``views`` is a list of ``[B, 3, H, W]`` tensors. Consecutive views of equal size run as
-    one batch; the output rows are view-major (all images' first view, then the second...).
+    one batch through the backbone and the head (BatchNorm statistics per group); the
+    output rows are view-major (all images' first view, then the second...).
 
     ``checkpoint_every=k`` recomputes every k-th block's activations in the backward pass
     (0: off, 1: every block). It uses ``torch.utils.checkpoint`` (non-reentrant), which works
@@ -191,14 +194,14 @@ class MSNEncoder(nn.Module):
                 return_before_head: bool = False):
         if isinstance(views, torch.Tensor):
             views = [views]
-        feats = []
+        feats, outs = [], []
         for group in group_views(views):
-            feats.append(self.forward_features(torch.cat(group), mask_ratio=mask_ratio,
-                                               per_sample_mask=per_sample_mask,
-                                               generator=generator))
+            h = self.forward_features(torch.cat(group), mask_ratio=mask_ratio,
+                                      per_sample_mask=per_sample_mask, generator=generator)
             mask_ratio = 0.0  # only the first group (the random anchor views) is masked
-        h = torch.cat(feats) if len(feats) > 1 else feats[0]
-        z = self.head(h)
+            feats.append(h)
+            outs.append(self.head(h))  # per group, as the reference: BatchNorm statistics
+        h, z = (torch.cat(feats), torch.cat(outs)) if len(feats) > 1 else (feats[0], outs[0])
         return (h, z) if return_before_head else z
 
 

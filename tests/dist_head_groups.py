@@ -1,0 +1,29 @@
+"""Run under torchrun by tests/test_head_groups.py: the anchor encoder's output on this
+rank's slice of every view, BatchNorm statistics global over processes."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_head_groups import MASK, SEED, make_encoder  # noqa: E402
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs = torch.load(os.path.join(sys.argv[1], "inputs.pt"), weights_only=True)
+    enc = make_encoder()
+    enc.load_state_dict(inputs["state"])
+    b = inputs["views"][0].shape[0] // world
+    views = [v[rank * b:(rank + 1) * b] for v in inputs["views"]]
+    with torch.no_grad():
+        z = enc(views, mask_ratio=MASK, generator=torch.Generator().manual_seed(SEED))
+    torch.save(z, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
