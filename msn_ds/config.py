@@ -9,6 +9,7 @@ range or a missing data folder is an error naming the key and the file.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Iterable, Optional
 
@@ -218,7 +219,7 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
     from .models import resolve_arch  # late import: keeps config importable without timm
 
     try:
-        resolve_arch(cfg["meta"]["model_name"])
+        spec = resolve_arch(cfg["meta"]["model_name"])
     except ValueError as e:
         fail("meta.model_name", str(e))
 
@@ -253,6 +254,7 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
         v = cfg["data"][key]
         if len(v) != 2 or not all(isinstance(x, _NUM) for x in v) or not 0 < v[0] <= v[1] <= 1:
             fail(f"data.{key}", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {v}")
+    _check_views(cfg["data"], spec.patch_size, fail)
     if cfg["data"]["loader"] not in LOADERS:
         fail("data.loader", f"must be one of {', '.join(LOADERS)}, got {cfg['data']['loader']!r}")
     if check_paths:
@@ -261,6 +263,24 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
             fail("data.root_path/data.image_folder",
                  f"point to a missing training folder: {train_dir} "
                  "(expected class sub-folders under <root_path>/<image_folder>/train/)")
+
+
+def _check_views(data: dict, patch: int, fail) -> None:
+    """Crops the patch can tile, a mask that keeps a token, and focal views smaller than the
+    random ones: views are grouped by size and only the first group (the random anchor views)
+    is masked, so an equal size would silently mask the focal views too."""
+    for key in ("rand_size", "focal_size"):
+        if data[key] < patch:
+            fail(f"data.{key}", f"= {data[key]} is smaller than the patch ({patch} px)")
+    side = data["rand_size"] // patch
+    keep = math.floor(side * side * (1.0 - data["patch_drop"]))
+    if keep < 1:
+        fail("data.patch_drop", f"= {data['patch_drop']} keeps no patch of the {side * side} in "
+             f"a {data['rand_size']}-px view at patch {patch}")
+    if data["focal_views"] and data["focal_size"] >= data["rand_size"]:
+        fail("data.focal_size", f"= {data['focal_size']} must be smaller than data.rand_size = "
+             f"{data['rand_size']} (focal views are told apart by size; only the random "
+             "anchor views are masked)")
 
 
 def train_folder(cfg: dict) -> str:
