@@ -17,7 +17,7 @@ import torch
 from msn_ds import distributed as D
 from msn_ds.checkpoint import (CheckpointError, consolidate, load_training_checkpoint,
                                plan_resume, save_training_checkpoint)
-from msn_ds.config import ConfigError, dump, load_config, train_folder
+from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
 from msn_ds.data.views_grid import log_views
@@ -45,6 +45,24 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # overrides may sit before or after options
 
 
+def build_knn_monitor(cfg: dict, source: str):
+    """``eval.knn_every_steps``: the k-NN monitor, its image sets listed now (a bad folder
+    fails before any work)."""
+    ev = cfg["eval"]
+    if not ev["knn_every_steps"]:
+        return None
+    from eval.knn_monitor import KNNMonitor
+
+    crop = ev["knn_crop"] or cfg["data"]["rand_size"]
+    train, val = knn_folders(cfg)
+    try:
+        return KNNMonitor(train, val, train_root=train_folder(cfg), k=ev["knn_k"], crop=crop,
+                          resize=ev["knn_resize"] or round(crop * 256 / 224),
+                          batch_size=ev["knn_batch_size"])
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{source}: eval.knn_train/knn_val: {e}") from None
+
+
 def build_loader(cfg: dict):
     """``data.loader``: DALI (on this process's GPU when there is one) or torchvision."""
     device_id = D.local_rank() if D.accelerator_name() == "cuda" else None
@@ -62,6 +80,7 @@ def main(argv=None) -> int:
         if cfg["data"]["loader"] == "dali" and not dali_available():
             raise ConfigError(f"{args.config}: data.loader=dali but NVIDIA DALI is not "
                               "installed (pip install nvidia-dali-cuda130, or data.loader=torch)")
+        knn = build_knn_monitor(cfg, args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -154,6 +173,9 @@ def main(argv=None) -> int:
                 save()
                 D.cleanup()
                 return 3
+            if knn is not None and step % cfg["eval"]["knn_every_steps"] == 0:
+                monitor.log_eval(step, knn(target, device, trainer.target_dtype) or {},
+                                 knn.describe)
             if due:
                 monitor.log(step, epoch, out.sched, extra={"bad_images": global_count(bad_images)})
             if checkpoint:

@@ -98,6 +98,16 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "keep_last": ((int,), 3),
         "peak_tflops": (_NUM, 0.0),  # the device's peak for MFU; 0: known GPUs by name
     },
+    # ours: k-NN accuracy of the target encoder during pretraining (eval/knn_monitor.py)
+    "eval": {
+        "knn_every_steps": ((int,), 0),  # 0: off
+        "knn_train": ((str, None), None),  # image folder or subset file; null: the train folder
+        "knn_val": ((str, None), None),  # image folder; null: <root_path>/<image_folder>/val
+        "knn_k": ((int,), 20),
+        "knn_crop": ((int, None), None),  # null: data.rand_size
+        "knn_resize": ((int, None), None),  # null: the crop x 256/224
+        "knn_batch_size": ((int,), 256),
+    },
 }
 
 # Reference keys that we accept for compatibility but that select behaviour we do not have.
@@ -257,6 +267,20 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
     _check_views(cfg["data"], spec.patch_size, fail)
     if cfg["data"]["loader"] not in LOADERS:
         fail("data.loader", f"must be one of {', '.join(LOADERS)}, got {cfg['data']['loader']!r}")
+    ev = cfg["eval"]
+    for key in ("knn_every_steps",):
+        if ev[key] < 0:
+            fail(f"eval.{key}", f"must be >= 0, got {ev[key]}")
+    for key in ("knn_k", "knn_batch_size", "knn_crop", "knn_resize"):
+        if ev[key] is not None and ev[key] < 1:
+            fail(f"eval.{key}", f"must be >= 1, got {ev[key]}")
+    if check_paths and ev["knn_every_steps"]:
+        train, val = knn_folders(cfg)
+        if not os.path.exists(train):
+            fail("eval.knn_train", f"points to a missing folder or subset file: {train}")
+        if not os.path.isdir(val):
+            fail("eval.knn_val", f"points to a missing folder: {val} (k-NN needs labelled "
+                 "validation images; set eval.knn_val or eval.knn_every_steps=0)")
     if check_paths:
         train_dir = train_folder(cfg)
         if not os.path.isdir(train_dir):
@@ -289,6 +313,12 @@ def train_folder(cfg: dict) -> str:
 
 def val_folder(cfg: dict) -> str:
     return os.path.join(cfg["data"]["root_path"], cfg["data"]["image_folder"], "val")
+
+
+def knn_folders(cfg: dict) -> tuple[str, str]:
+    """``(train folder or subset file, val folder)`` of the k-NN monitor."""
+    ev = cfg["eval"]
+    return ev["knn_train"] or train_folder(cfg), ev["knn_val"] or val_folder(cfg)
 
 
 def dump(cfg: dict) -> str:

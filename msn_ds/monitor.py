@@ -62,6 +62,7 @@ class Monitor:
         self._start = self._t0
         self._steps_since = 0
         self.history: list[dict[str, float]] = []
+        self.last_eval: dict[str, float] = {}
 
     def update(self, stats: dict[str, torch.Tensor], data_wait: float = 0.0) -> None:
         """Accumulate on the device (no host sync). Every statistic must be a tensor on the
@@ -116,7 +117,7 @@ class Monitor:
                 f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
             log.info("[ep %d step %d/%d] loss %.4f (ce %.4f me_max %.4f ent %.4f) np %d max_t "
                      "%.3f | lr %.2e wd %.3f m %.5f T %.3f%s | %.1f img/s%s data %.0f%% mem "
-                     "%.1f GiB ETA %s",
+                     "%.1f GiB ETA %s%s",
                      epoch + 1, step, self.total_steps, scalars.get("loss", float("nan")),
                      scalars.get("ce", 0), scalars.get("me_max", 0), scalars.get("ent", 0),
                      round(scalars.get("np", 0)), scalars.get("max_t", 0), hparams["lr"],
@@ -124,7 +125,8 @@ class Monitor:
                      f" gnorm {scalars['grad_norm']:.3f}" if "grad_norm" in scalars else "",
                      scalars["img_per_s"],
                      f" MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "",
-                     100 * scalars["data_wait_frac"], scalars["peak_mem_gib"], _fmt_eta(eta))
+                     100 * scalars["data_wait_frac"], scalars["peak_mem_gib"], _fmt_eta(eta),
+                     f" | knn {self.last_eval['knn_top1']:.1f}%" if self.last_eval else "")
             if self.writer is not None:
                 for k, v in scalars.items():
                     group = ("train" if k in ("loss", "ce", "me_max", "ent", "np", "max_t",
@@ -135,6 +137,21 @@ class Monitor:
                 self.writer.flush()
         self._sums, self._counts, self._steps_since, self._t0, self._wait = {}, {}, 0, now, 0.0
         return scalars
+
+    def log_eval(self, step: int, scalars: dict[str, float], describe: str = "") -> None:
+        """An evaluation during training (rank 0's result): a log line, ``metrics.jsonl``
+        and TensorBoard ``eval/*``; its top-1 also joins the following progress lines."""
+        self.last_eval = scalars
+        if not D.is_main():
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        log.info("[step %d] k-NN top-1 %.2f%% top-5 %.2f%% (%s; %.1f s)", step,
+                 scalars["knn_top1"], scalars["knn_top5"], describe, scalars["knn_seconds"])
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"eval/{k}", v, step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,0 +1,109 @@
+"""k-NN accuracy of the target encoder while pretraining runs (``eval.knn_every_steps``).
+
+A recipe that works shows k-NN top-1 rising within the first epochs; one that collapses
+shows it flat at chance long before the loss says so. The classifier is :mod:`eval.knn`'s
+(weighted votes of the ``k`` most cosine-similar train features, ``T = 0.07``); the
+features are the target encoder's class token after its final LayerNorm (the
+representation its head sees), at the evaluation transform (resize, centre crop).
+
+Every process extracts the features of its share of the images (``rank::world``) through
+the target's own ``forward``, so a ZeRO-3 target gathers its parameters as in training;
+rank 0 gathers the features and classifies. Nothing here draws from a global random
+generator (no ``DataLoader``, eval mode, no mask), so the training's randomness and data
+order, and with them an exact resume, are untouched. Decoded images are kept in memory
+when the two sets fit in ``cache_gib``, so later evaluations cost only the forward passes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from msn_ds.data import eval_folder, eval_transform
+
+from .knn import knn_accuracy
+
+log = logging.getLogger("msn_ds")
+
+
+class KNNMonitor:
+    def __init__(self, train: str, val: str, *, train_root: Optional[str] = None, k: int = 20,
+                 crop: int = 224, resize: int = 256, batch_size: int = 256,
+                 temperature: float = 0.07, cache_gib: float = 2.0):
+        """``train``: an image folder, or a subset file (``class_dir/filename`` per line) of
+        ``train_root``; ``val``: an image folder with the same class folders."""
+        transform = eval_transform(crop, resize)
+        if os.path.isfile(train):
+            self.train = eval_folder(train_root, transform, subset_file=train)
+        else:
+            self.train = eval_folder(train, transform)
+        self.val = eval_folder(val, transform)
+        if self.train.classes != self.val.classes:
+            raise ValueError(f"k-NN sets {train} and {val} have different class folders")
+        if len(self.train) == 0 or len(self.val) == 0:
+            raise ValueError(f"k-NN sets {train} and {val} must not be empty")
+        self.k, self.temperature, self.batch_size = k, temperature, batch_size
+        images = len(self.train) + len(self.val)
+        self._cache: Optional[dict[int, torch.Tensor]] = (
+            {} if images * 3 * crop * crop * 4 <= cache_gib * 2**30 else None)
+        self.describe = (f"k={k}, {len(self.train)} train / {len(self.val)} val images, "
+                         f"{crop}-px centre crop")
+
+    @torch.no_grad()
+    def __call__(self, target: torch.nn.Module, device: torch.device,
+                 dtype: torch.dtype) -> Optional[dict[str, float]]:
+        """``{"knn_top1", "knn_top5", "knn_seconds"}`` on rank 0, None elsewhere. Every
+        process must call it (the features are gathered)."""
+        start = time.perf_counter()
+        was_training = target.training
+        target.eval()
+        try:
+            train_x = self._features(target, self.train, 0, device, dtype)
+            val_x = self._features(target, self.val, len(self.train), device, dtype)
+        finally:
+            target.train(was_training)
+        if _rank() != 0:
+            return None
+        acc = knn_accuracy(train_x, self.train.targets, val_x, self.val.targets, self.k,
+                           self.temperature, num_classes=len(self.train.classes))
+        return {"knn_top1": acc["top1"], "knn_top5": acc["top5"],
+                "knn_seconds": time.perf_counter() - start}
+
+    def _features(self, target, dataset, offset: int, device, dtype) -> torch.Tensor:
+        """``[N, D]`` float32 class tokens (on rank 0; this process's share elsewhere)."""
+        world, rank = _world(), _rank()
+        per_rank = math.ceil(len(dataset) / world)  # equal work: ZeRO-3 gathers in lockstep
+        mine = [min(rank + world * j, len(dataset) - 1) for j in range(per_rank)]
+        feats = []
+        for i in range(0, per_rank, self.batch_size):
+            x = torch.stack([self._image(dataset, offset, j) for j in mine[i:i + self.batch_size]])
+            h, _ = target(x.to(device=device, dtype=dtype), return_before_head=True)
+            feats.append(h.float())
+        local = torch.cat(feats)
+        if world == 1:
+            return local.cpu()
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local.contiguous())
+        # row j of rank r is image r + world * j: interleave, then drop the padding
+        return torch.stack(gathered, 1).reshape(-1, local.shape[1])[:len(dataset)].cpu()
+
+    def _image(self, dataset, offset: int, index: int) -> torch.Tensor:
+        if self._cache is None:
+            return dataset[index][0]
+        key = offset + index
+        if key not in self._cache:
+            self._cache[key] = dataset[index][0]
+        return self._cache[key]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

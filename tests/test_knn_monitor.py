@@ -1,0 +1,110 @@
+"""k-NN accuracy during pretraining (``eval.knn_every_steps``): it is eval.knn's classifier
+on the target's features, the same with 2 processes as with 1, and it changes nothing in
+the training: weights with it equal weights without it, and a resume stays bit-identical."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eval.features import extract_features
+from eval.knn import knn_accuracy
+from eval.knn_monitor import KNNMonitor
+from helpers import ROOT, cpu_env
+from msn_ds.data import eval_folder, eval_transform
+from msn_ds.models import MSNEncoder
+from test_checkpoint import args, assert_identical, run, weights
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def subset_file(demo_root, path, per_class=10):
+    """The first ``per_class`` images of each class of the demo's train folder."""
+    train = os.path.join(demo_root, "mnist_demo", "train")
+    lines = [f"{c}/{f}" for c in sorted(os.listdir(train))
+             for f in sorted(os.listdir(os.path.join(train, c)))[:per_class]]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def encoder():
+    torch.manual_seed(0)
+    return MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).train()
+
+
+def test_monitor_is_eval_knn_on_the_targets_features(demo_root, tmp_path):
+    root = os.path.join(demo_root, "mnist_demo")
+    subset = subset_file(demo_root, tmp_path / "subset.txt")
+    enc = encoder()
+    monitor = KNNMonitor(subset, os.path.join(root, "val"), train_root=os.path.join(root, "train"),
+                         k=5, crop=32, resize=32, batch_size=64)
+    rng = torch.get_rng_state()
+    got = monitor(enc, torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.get_rng_state(), rng)  # no draw from the global generator
+    assert enc.training  # mode restored
+    t = eval_transform(32, 32)
+    train_ds = eval_folder(os.path.join(root, "train"), t, subset)
+    val_ds = eval_folder(os.path.join(root, "val"), t)
+    tx, ty = extract_features(enc, train_ds, before_norm=False)
+    vx, vy = extract_features(enc, val_ds, before_norm=False)
+    want = knn_accuracy(tx, ty, vx, vy, k=5, num_classes=10)
+    assert got["knn_top1"] == pytest.approx(want["top1"], abs=1e-9)
+    assert got["knn_top5"] == pytest.approx(want["top5"], abs=1e-9)
+    assert len(train_ds) == 100 and 10 < got["knn_top1"] < 100
+
+
+def test_two_processes_equal_one(demo_root, tmp_path):
+    """Each process extracts every second image (97 and 1000 images: padded shares); rank
+    0's accuracy equals one process's."""
+    root = os.path.join(demo_root, "mnist_demo")
+    lines = open(subset_file(demo_root, tmp_path / "s.txt")).read().split()
+    subset = tmp_path / "odd.txt"
+    subset.write_text("\n".join(lines[:97]) + "\n")
+    enc = encoder()
+    torch.save(enc.state_dict(), tmp_path / "enc.pt")
+    spec = {"train": str(subset), "val": os.path.join(root, "val"),
+            "train_root": os.path.join(root, "train"), "state": str(tmp_path / "enc.pt"),
+            "out": str(tmp_path / "rank0.json")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "dist_knn_monitor.py"), str(tmp_path / "spec.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two = json.loads((tmp_path / "rank0.json").read_text())
+    one = KNNMonitor(spec["train"], spec["val"], train_root=spec["train_root"], k=5, crop=32,
+                     resize=32, batch_size=16)(enc, torch.device("cpu"), torch.float32)
+    assert two["knn_top1"] == pytest.approx(one["knn_top1"], abs=1e-9)
+    assert two["knn_top5"] == pytest.approx(one["knn_top5"], abs=1e-9)
+
+
+def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path):
+    subset = subset_file(demo_root, tmp_path / "subset.txt")
+    knn = ["eval.knn_every_steps=2", f"eval.knn_train={subset}", "eval.knn_resize=32",
+           "eval.knn_k=5", "logging.tensorboard=true"]
+    plain, with_knn, resumed = (str(tmp_path / n) for n in ("plain", "knn", "resumed"))
+    run(args(demo_root, plain, 6))
+    r = run(args(demo_root, with_knn, 6, "zero0_fp32.json", *knn))
+    assert_identical(weights(plain), weights(with_knn))
+    with open(os.path.join(with_knn, "metrics.jsonl")) as f:
+        evals = [row for row in map(json.loads, f) if "knn_top1" in row]
+    assert [row["step"] for row in evals] == [2, 4, 6]
+    assert all(0 <= row["knn_top1"] <= 100 and row["knn_seconds"] > 0 for row in evals)
+    assert "k-NN top-1" in r.stderr and "| knn " in r.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(os.path.join(with_knn, "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("eval/knn_top1")] == [2, 4, 6]
+    # stopped at 3 (between two evaluations) and resumed: the same weights as straight through
+    run(args(demo_root, resumed, 3, "zero0_fp32.json", *knn))
+    run(args(demo_root, resumed, 6, "zero0_fp32.json", *knn) + ["--resume"])
+    assert_identical(weights(with_knn), weights(resumed))
+
+
+def test_bad_knn_folder_fails_before_work(demo_root, tmp_path):
+    folder = tmp_path / "run"
+    r = run(args(demo_root, str(folder), 2) + ["eval.knn_every_steps=2",
+                                              f"eval.knn_val={tmp_path / 'nope'}"], expect=2)
+    assert "eval.knn_val" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
+    assert not folder.exists()
