@@ -24,8 +24,13 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "eval": ["cyanure"],
         "demo": ["mlxtend>=0.23"],
+        # ViTMSNModel for scripts/export_hf.py folders; 4.45 is the first to resample position
+        # embeddings as msn_ds does (size=, bicubic); 4.45.2 and 5.24 checked
+        "hf": ["transformers>=4.45"],
         # DALI runs its tests in CPU mode (device_id=None); the CUDA 13 wheel works without a GPU
         # cyanure: the reference's solver, for the solver-equivalence test
-        "test": ["pytest>=7", "mlxtend>=0.23", "nvidia-dali-cuda130", "cyanure"],
+        # transformers: tests/test_hf.py (export/import round trips, no download)
+        "test": ["pytest>=7", "mlxtend>=0.23", "nvidia-dali-cuda130", "cyanure",
+                 "transformers>=4.45"],
     },
 )

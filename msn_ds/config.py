@@ -37,6 +37,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "activation_checkpointing": ((int,), 0),
         "nonfinite_patience": ((int,), 10),
         "compile": ((str,), ""),  # torch.compile backend for the ViT blocks; "" = eager
+        "init_weights": ((str, None), None),  # a weights file to start both encoders from
     },
     "criterion": {
         "num_proto": ((int,), 1024),
@@ -281,6 +282,9 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
         if not os.path.isdir(val):
             fail("eval.knn_val", f"points to a missing folder: {val} (k-NN needs labelled "
                  "validation images; set eval.knn_val or eval.knn_every_steps=0)")
+    init = cfg["meta"]["init_weights"]
+    if check_paths and init is not None and not os.path.isfile(init):
+        fail("meta.init_weights", f"points to a missing weights file: {init}")
     if check_paths:
         train_dir = train_folder(cfg)
         if not os.path.isdir(train_dir):

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ def build_models(cfg: dict) -> tuple[MSNModel, MSNEncoder]:
                          hidden_dim=meta["hidden_dim"], output_dim=meta["output_dim"],
                          use_bn=meta["use_bn"], drop_path_rate=meta["drop_path_rate"],
                          checkpoint_every=meta["activation_checkpointing"])
+    if meta["init_weights"]:
+        init_encoder_(encoder, meta["init_weights"])
     model = MSNModel(encoder, crit["num_proto"], meta["output_dim"],
                      freeze_proto=crit["freeze_proto"])
     target = make_target(encoder)
@@ -44,6 +47,51 @@ def build_models(cfg: dict) -> tuple[MSNModel, MSNEncoder]:
         compile_blocks(encoder, meta["compile"])
         compile_blocks(target, meta["compile"])
     return model, target
+
+
+def init_encoder_(encoder: MSNEncoder, path: str, assign: bool = False) -> None:
+    """Start from a weights file's target encoder (ours, or one made by
+    ``scripts/import_hf.py``/``import_msn.py``): the backbone always, its position embedding
+    resampled to this run's grid; the head when the file has a trained one
+    (metadata ``head`` is not ``absent``). The target then starts as a copy."""
+    from .checkpoint import HEAD_PREFIX, TARGET_PREFIX, read_weights
+    from .models.vit import resample_pos_embed
+
+    try:
+        tensors, meta = read_weights(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"meta.init_weights: {e}") from None
+    if meta["arch"] != encoder.spec.name:
+        raise ConfigError(f"meta.init_weights: {path} holds {meta['arch']}, this run builds "
+                          f"{encoder.spec.name}")
+    backbone = {k[len(TARGET_PREFIX):]: v for k, v in tensors.items() if k.startswith(TARGET_PREFIX)}
+    if "pos_embed" in backbone:
+        side = math.isqrt(encoder.backbone.pos_embed.shape[1] - 1)
+        backbone["pos_embed"] = resample_pos_embed(backbone["pos_embed"], (side, side))
+    parts = [(encoder.backbone, backbone)]
+    if meta.get("head", "present") != "absent":
+        parts.append((encoder.head, {k[len(HEAD_PREFIX):]: v for k, v in tensors.items()
+                                     if k.startswith(HEAD_PREFIX)}))
+    for module, state in parts:
+        try:
+            module.load_state_dict(state, strict=True, assign=assign)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split("\n")[1:]).strip()
+            raise ConfigError(f"meta.init_weights: {path} does not fit this run's "
+                              f"{type(module).__name__}: {detail} "
+                              "(meta.hidden_dim/output_dim/use_bn must match the file)") from None
+
+
+def check_init_weights(cfg: dict) -> None:
+    """``meta.init_weights`` checked before any work: the file loads into this run's encoder
+    (built on the ``meta`` device, so nothing is computed or allocated)."""
+    if cfg["meta"]["init_weights"]:
+        meta, data = cfg["meta"], cfg["data"]
+        with torch.device("meta"):
+            encoder = MSNEncoder(meta["model_name"], img_size=data["rand_size"],
+                                 hidden_dim=meta["hidden_dim"], output_dim=meta["output_dim"],
+                                 use_bn=meta["use_bn"])
+        init_encoder_(encoder, meta["init_weights"], assign=True)
 
 
 def compile_blocks(encoder: MSNEncoder, backend: str) -> None:
