@@ -15,17 +15,19 @@ import time
 import torch
 
 from msn_ds import distributed as D
-from msn_ds.checkpoint import (CheckpointError, consolidate, load_training_checkpoint,
+from msn_ds.checkpoint import (CheckpointError, SaveError, consolidate,
+                               load_training_checkpoint,
                                plan_resume, save_training_checkpoint)
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
 from msn_ds.data.views_grid import log_views
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
-                           configure_precision, init_deepspeed, init_target, read_ds_config,
-                           resolve_ds_config)
+                           check_init_weights, configure_precision, init_deepspeed, init_target,
+                           read_ds_config, resolve_ds_config)
 from msn_ds.flops import StepShape, peak_flops
 from msn_ds.monitor import Monitor, setup_logging
+from msn_ds.run_folder import RunFolderError, claim_everywhere, folder_problem
 
 log = logging.getLogger("msn_ds")
 
@@ -39,7 +41,11 @@ def parse_args(argv=None):
                    help="stop at this global step (schedules still follow the epochs)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="resume from logging.folder's latest checkpoint, or from PATH "
-                        "(a run folder or a global_stepN folder)")
+                        "(a run folder or a global_stepN folder); --resume auto: resume if\n"
+                        "logging.folder holds a checkpoint, else start fresh (SLURM requeue)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in a logging.folder that holds another run: move that run\n"
+                        "aside to <folder>.old-<time>/ (nothing is deleted)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_intermixed_args(argv)  # overrides may sit before or after options
@@ -64,48 +70,80 @@ def build_knn_monitor(cfg: dict, source: str):
 
 
 def build_loader(cfg: dict):
-    """``data.loader``: DALI (on this process's GPU when there is one) or torchvision."""
+    """``data.loader``: DALI (on this process's GPU when there is one) or torchvision. Built
+    before the process group (rank and world size from the launcher's environment), so that
+    an empty ``train/`` or too few images for one global batch is refused before DeepSpeed
+    starts."""
     device_id = D.local_rank() if D.accelerator_name() == "cuda" else None
     return build_pretrain_loader(cfg["data"], train_folder(cfg), cfg["criterion"]["batch_size"],
-                                 cfg["meta"]["seed"], D.world_size(), D.rank(), device_id)
+                                 cfg["meta"]["seed"], int(os.environ["WORLD_SIZE"]),
+                                 int(os.environ["RANK"]), device_id)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     D.setup_env()
+    # setup_logging's levels before the process group exists (the data loader logs first)
+    logging.basicConfig(level=logging.INFO if os.environ["RANK"] == "0" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.max_steps is not None and args.max_steps <= 0:
+            raise ConfigError(f"--max-steps {args.max_steps}: must be a positive step count")
+        if args.overwrite and args.resume is not None:
+            raise ConfigError("--overwrite starts a fresh run (moving the old one aside); "
+                              "it cannot be combined with --resume")
         cfg = load_config(args.config, args.overrides)
+        problem = folder_problem(cfg["logging"]["folder"])
+        if problem:
+            raise ConfigError(f"{args.config}: logging.folder {problem}")
         ds_config = resolve_ds_config(read_ds_config(args.deepspeed_config), cfg,
                                       int(os.environ["WORLD_SIZE"]), args.deepspeed_config)
         if cfg["data"]["loader"] == "dali" and not dali_available():
             raise ConfigError(f"{args.config}: data.loader=dali but NVIDIA DALI is not "
                               "installed (pip install nvidia-dali-cuda130, or data.loader=torch)")
         knn = build_knn_monitor(cfg, args.config)
+        check_init_weights(cfg)
+        try:  # an empty train/ or fewer images than one global batch
+            dataset, sampler, loader = build_loader(cfg)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{args.config}: training images in {train_folder(cfg)}: "
+                              f"{e}") from None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     D.init_process_group()
     setup_logging()
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and D.is_main()):
+        log.warning("torchrun --max-restarts with its shared rendezvous store: a restarted "
+                    "attempt can hang creating process groups (pytorch#135712); launch with "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     folder = cfg["logging"]["folder"]
-    os.makedirs(folder, exist_ok=True)
-    if D.is_main():
+    try:  # rank 0 locks the folder and checks it is free; every process learns the outcome
+        claim = claim_everywhere(folder, args.resume, args.overwrite)
+    except RunFolderError as e:
+        if D.is_main():
+            print(f"error: {e}", file=sys.stderr)
+        D.cleanup()
+        return 2
+    for note in claim.notes:
+        log.warning("%s", note)
+    plan = None
+    if claim.resume_from is not None:  # checked (and converted, at another world size) first
+        try:
+            plan = plan_resume(claim.resume_from, cfg, D.world_size(), ds_config)
+        except CheckpointError as e:
+            log.error("cannot resume: %s", e)
+            claim.release()
+            D.cleanup()
+            return 2
+    if D.is_main():  # only now: a refused resume leaves the folder as it was
         with open(os.path.join(folder, f"{cfg['logging']['write_tag']}-config.yaml"), "w") as f:
             f.write(dump(cfg))
-
-    dataset, sampler, loader = build_loader(cfg)
     if cfg["logging"]["tensorboard"] and D.is_main():
         log_views(cfg, dataset, loader)  # TensorBoard data/views: what the encoders see
     model, target = build_models(cfg)
-    plan = None
-    if args.resume is not None:  # checked (and converted, at another world size) first
-        try:
-            plan = plan_resume(folder if args.resume == "latest" else args.resume, cfg,
-                               D.world_size(), ds_config)
-        except CheckpointError as e:
-            log.error("cannot resume: %s", e)
-            D.cleanup()
-            return 2
     engine = init_deepspeed(model, ds_config)
     target, ema = init_target(target, engine, ds_config)
     spe = sampler.batches_per_epoch
@@ -155,7 +193,7 @@ def main(argv=None) -> int:
         waited_since = time.perf_counter()
         for views, _, skipped in loader:
             data_wait = time.perf_counter() - waited_since
-            bad_images = check_bad_images(bad_images + skipped, skipped, len(dataset), dataset.root,
+            bad_images = check_bad_images(dataset, loader, bad_images, stop,
                                           cfg["data"]["max_bad_fraction"])
             out = trainer.step(views, step, log=monitor.due(step + 1), stop=stop.flag)
             step += 1
@@ -194,6 +232,7 @@ def main(argv=None) -> int:
     save_weights_file(cfg, os.path.join(folder, f"global_step{step}"))
     monitor.close()
     D.cleanup()
+    claim.release()
     return 0
 
 
@@ -203,14 +242,25 @@ def global_count(n: int) -> float:
     return float(D.all_reduce_sum_(t).item())
 
 
-def check_bad_images(total: int, new: int, num_images: int, root: str, max_fraction: float) -> int:
-    """Unreadable images are skipped and counted; above the configured fraction, stop."""
-    if new:
-        log.warning("%d unreadable images skipped on this process so far (%s)", total, root)
-    if total > max_fraction * num_images:
-        raise RuntimeError(f"{total} unreadable images in {root} exceed "
-                           f"data.max_bad_fraction={max_fraction}")
-    return total
+def check_bad_images(dataset, loader, known: int, stop, max_fraction: float) -> int:
+    """The distinct unreadable images found so far on this process (each file counted once:
+    the loaders remember them and skip them unread in later epochs). Above
+    ``data.max_bad_fraction`` of the images, ask for a stop through ``stop``: the step carries
+    it to every process, so all of them save the last good state together and exit, as on
+    SIGTERM, with the reason in the log."""
+    from msn_ds.data.loader import count_unreadable
+
+    n = count_unreadable(dataset, loader)
+    if n > known:
+        log.warning("%d distinct unreadable images skipped on this process so far (%s)", n,
+                    dataset.root)
+    if n > max_fraction * len(dataset) and not stop.flag:
+        reason = (f"data.max_bad_fraction={max_fraction} exceeded: {n} distinct unreadable "
+                  f"images of {len(dataset)} in {dataset.root} (scripts/check_dataset.py "
+                  "lists them)")
+        log.error("%s; saving the last good state and stopping", reason)
+        stop.flag, stop.received = True, reason
+    return n
 
 
 def save_weights_file(cfg: dict, checkpoint: str) -> None:
@@ -225,4 +275,8 @@ def save_weights_file(cfg: dict, checkpoint: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SaveError as e:  # a full disk while saving: the message says what was kept
+        log.error("%s", e)
+        sys.exit(1)

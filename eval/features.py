@@ -102,11 +102,36 @@ def dataset_fingerprint(dataset) -> str:
     a changed crop, resize, subset or re-written image gives another key."""
     h = hashlib.sha256(repr(getattr(dataset, "transform", None)).encode())
     root = os.path.abspath(getattr(dataset, "root", ""))
-    h.update(root.encode())
+    h.update(os.fsencode(root))  # names as bytes: not every file name is UTF-8
     for path, label in dataset.samples:
         st = os.stat(path)
-        h.update(f"\n{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(os.fsencode(f"\n{os.path.relpath(path, root)}|{label}|{st.st_size}|"
+                             f"{st.st_mtime_ns}"))
     return h.hexdigest()
+
+
+def dataset_labels(dataset) -> Optional[np.ndarray]:
+    """The labels of ``dataset`` in row order, from its image list (no image is read): what a
+    cache entry for it must hold. None when the dataset does not say."""
+    if hasattr(dataset, "samples"):
+        return np.asarray([y for _, y in dataset.samples], np.int64)
+    if hasattr(dataset, "targets"):
+        return np.asarray(dataset.targets, np.int64)
+    return None
+
+
+def _mismatch(value, expect: Optional[np.ndarray]) -> Optional[str]:
+    """Why a cache entry does not fit the image list (None if it does)."""
+    x, y = value
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        return f"features {x.shape} and labels {y.shape} do not form a table"
+    if expect is None:
+        return None
+    if len(x) != len(expect):
+        return f"{len(x)} rows for {len(expect)} images"
+    if not np.array_equal(y, expect):
+        return f"labels differ from the image list (first at row {int(np.argmax(y != expect))})"
+    return None
 
 
 class FeatureCache:
@@ -131,7 +156,11 @@ class FeatureCache:
                               ).hexdigest()[:32]
 
     def get(self, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
-            info: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+            info: Optional[dict] = None, labels: Optional[np.ndarray] = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """The entry for ``key``, else ``compute()`` (stored). ``labels``: the image list's
+        labels; an entry whose row count or labels differ from them (a truncated or
+        foreign file under this name) is recomputed, never used."""
         if key in self._memory:
             self.hits += 1
             return self._memory[key]
@@ -140,10 +169,13 @@ class FeatureCache:
             try:
                 with np.load(path, allow_pickle=False) as z:
                     value = (z["x"], z["y"])
-                self.hits += 1
-                self._memory[key] = value
-                log.info("features from cache %s", path)
-                return value
+                why = _mismatch(value, labels)
+                if why is None:
+                    self.hits += 1
+                    self._memory[key] = value
+                    log.info("features from cache %s", path)
+                    return value
+                log.warning("ignoring feature cache entry %s: %s; recomputing", path, why)
             except (OSError, ValueError, KeyError) as e:  # unreadable entry: recompute
                 log.warning("ignoring unreadable feature cache entry %s: %s", path, e)
         self.misses += 1
@@ -180,7 +212,8 @@ def dataset_features(encoder: Optional[MSNEncoder], dataset, *, pixels: bool = F
             "transform": repr(getattr(dataset, "transform", None)), "encoder": enc_key,
             "representation": "pixels" if pixels else
             ("before_norm" if before_norm else "after_norm")}
-    return cache.get(FeatureCache.key(enc_key, dataset), compute, info)
+    return cache.get(FeatureCache.key(enc_key, dataset), compute, info,
+                     labels=dataset_labels(dataset))
 
 
 def train_val_features(encoder: Optional[MSNEncoder], train_ds, val_ds, *, pixels: bool = False,

@@ -246,6 +246,7 @@ def cached_features(cache: Optional[FeatureCache], encoder_key: str, dataset, **
     if cache is None:
         return sharded_features(dataset, **kw)
     key = FeatureCache.key(encoder_key, dataset)
+    labels = np.asarray(dataset.targets, np.int64)
     _, world_size = world()
     if world_size > 1:
         have = cache.folder is not None and os.path.exists(os.path.join(cache.folder, f"{key}.npz"))
@@ -256,11 +257,12 @@ def cached_features(cache: Optional[FeatureCache], encoder_key: str, dataset, **
         if not flag.item():
             x = sharded_features(dataset, **kw)
             if world()[0] == 0:  # the one writer; the others keep theirs in memory
-                cache.get(key, lambda: (x, np.asarray(dataset.targets, np.int64)))
+                cache.get(key, lambda: (x, labels), labels=labels)
             dist.barrier()
             return x
-    return cache.get(key, lambda: (sharded_features(dataset, **kw),
-                                   np.asarray(dataset.targets, np.int64)))[0]
+    # an entry whose rows or labels do not match the image list is recomputed (on every
+    # process alike: each reads the same entry and finds the same mismatch)
+    return cache.get(key, lambda: (sharded_features(dataset, **kw), labels), labels=labels)[0]
 
 
 def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384,
@@ -273,6 +275,10 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
                pixel_size: Optional[int] = None, log=None,
                cache: Optional[FeatureCache] = None) -> dict:
     """Linear evaluation of ``encoder`` (or raw pixels) on ``root``; a JSON-ready dict."""
+    problem = check_counts(epochs=epochs, batch_size=batch_size, stop_after=stop_after,
+                           feature_batch_size=feature_batch_size)
+    if problem:  # before any feature is extracted
+        raise ValueError(problem)
     pixels = pixels or encoder is None
     if augment and pixels:
         raise ValueError("--augment needs an encoder (not --pixels)")
@@ -317,6 +323,15 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
             "train_top1": last.get("train_top1"), "train_loss": last.get("loss"), **acc}
 
 
+def check_counts(**counts: Optional[int]) -> Optional[str]:
+    """What is wrong with the positive counts (``--epochs``, ``--batch-size``...), if anything:
+    a batch of 0 divides by zero and 0 epochs train nothing (nan accuracy)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    return None
+
+
 def format_table(result: dict, title: str = "") -> str:
     head = (f"{title + ': ' if title else ''}{result['representation']} features "
             f"(D={result['feature_dim']}), linear, {result['epochs_trained']}/{result['epochs']} "
@@ -354,6 +369,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.resume and not args.out:
         print("error: --resume needs --out", file=sys.stderr)
+        return 2
+    problem = check_counts(epochs=args.epochs, batch_size=args.batch_size,
+                           stop_after=args.stop_after, feature_batch_size=args.feature_batch_size)
+    if problem:  # before loading weights or extracting features
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:

@@ -26,6 +26,7 @@ later runs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from msn_ds.data import eval_folder, eval_transform
+from msn_ds.data.dataset import read_list_file
 from msn_ds.models import MSNEncoder
 
 from .features import FeatureCache, train_val_features
@@ -160,8 +162,19 @@ def pixel_transform(size: Optional[int] = None) -> v2.Compose:
 
 
 def read_subset(path: str) -> list[str]:
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """The subset's ``class_dir/filename`` lines; names as bytes, so that non-UTF-8 names
+    match the files (see :func:`msn_ds.data.dataset.read_list_file`)."""
+    return read_list_file(path)
+
+
+def check_lambd(values: Sequence[float]) -> Optional[str]:
+    """What is wrong with the ``--lambd`` values, if anything (checked before any feature
+    is extracted, so one bad value in a sweep costs nothing)."""
+    for v in values:
+        if not (math.isfinite(v) and v > 0):
+            return f"--lambd must be a finite value > 0 (the objective is then strongly " \
+                   f"convex), got {v:g}"
+    return None
 
 
 def group_name(path: str) -> str:
@@ -182,6 +195,9 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
     ``pixels=True`` evaluates raw pixels instead. Pass one ``cache`` to several calls (other
     ``lambd``, other splits) to extract the features only once.
     """
+    problem = check_lambd([lambd])
+    if problem:
+        raise ValueError(problem)
     pixels = pixels or encoder is None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     transform = pixel_transform(pixel_size) if pixels else eval_transform(crop, resize)
@@ -261,6 +277,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a non-UTF-8 path in the table prints
+        sys.stdout.reconfigure(errors="backslashreplace")
+    problem = check_lambd(args.lambd)
+    if problem:  # before the weights are loaded and any feature extracted
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.solver == "cyanure" and not cyanure_available():
         print("error: --solver cyanure needs the cyanure package (pip install cyanure)",
               file=sys.stderr)

@@ -2,7 +2,9 @@
 
 A subset file lists one training image per line as ``class_dir/filename`` (relative to the
 train root), the format :func:`msn_ds.data.eval_folder` reads. Images are listed exactly as
-``torchvision``'s ImageFolder finds them, so every line resolves.
+the evaluation's ImageFolder finds them, so every line resolves. Lines are file names as
+bytes (``os.fsencode``): a name that is not valid UTF-8 is written as it is on disk and read
+back by :func:`msn_ds.data.dataset.read_list_file`.
 
 Within a split, each class's images are shuffled once by a seed derived from
 ``(seed, split, class name)``, and every subset takes a prefix of that order: the 1-image
@@ -17,15 +19,19 @@ import zlib
 from typing import Iterable, Sequence
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from msn_ds.data.dataset import list_images as list_folder
 
 
 def list_images(root: str) -> dict[str, list[str]]:
-    """``{class_dir: sorted relative paths}``, the images ImageFolder would load."""
-    classes, class_to_idx = find_classes(root)
-    by_class: dict[str, list[str]] = {c: [] for c in classes}
-    for path, idx in make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS):
-        by_class[classes[idx]].append(os.path.relpath(path, root).replace(os.sep, "/"))
+    """``{class_dir: sorted relative paths}``, the images the evaluation's ImageFolder
+    (:func:`msn_ds.data.eval_folder`) would load."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: not a folder")
+    listing = list_folder(root)
+    by_class: dict[str, list[str]] = {c: [] for c in listing.classes}
+    for path, idx in listing.samples:
+        by_class[listing.classes[idx]].append(os.path.relpath(path, root).replace(os.sep, "/"))
     return {c: sorted(v) for c, v in by_class.items()}
 
 
@@ -42,7 +48,7 @@ def subset_name(kind: str, value: float, split: int) -> str:
 
 def class_order(files: Sequence[str], seed: int, split: int, cls: str) -> list[str]:
     """A permutation of one class's images, a function of ``(seed, split, class)`` only."""
-    rng = np.random.default_rng([seed, split, zlib.crc32(cls.encode())])
+    rng = np.random.default_rng([seed, split, zlib.crc32(os.fsencode(cls))])
     return [files[i] for i in rng.permutation(len(files))]
 
 
@@ -80,7 +86,7 @@ def write_subsets(subsets: dict[str, list[str]], out_dir: str) -> list[str]:
     paths = []
     for name, lines in subsets.items():
         path = os.path.join(out_dir, name)
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        with open(path, "wb") as f:  # the names' own bytes, UTF-8 or not
+            f.write(b"".join(os.fsencode(line) + b"\n" for line in lines))
         paths.append(path)
     return paths

@@ -14,12 +14,15 @@ and metadata ``arch``, ``img_size``, ``hidden_dim``, ``output_dim``, ``use_bn``,
 """
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
+import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,6 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .models import MSNEncoder
+from .safe_load import (FORCE_ENV, CheckpointError, checkpoint_files, restricted_loads, safe_load,
+                        scan)
 
 TARGET_PREFIX = "target_encoder."
 HEAD_PREFIX = "target_head."
@@ -63,25 +68,146 @@ def save_weights(path: str, target: MSNEncoder, prototypes: Optional[torch.Tenso
     write_weights(path, weights_tensors(target, prototypes, anchor), metadata)
 
 
-def write_weights(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_weights(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  source: Optional[str] = None) -> None:
     """Write safetensors (or, for a ``.pth`` path, a torch file holding ``state_dict`` and
-    ``metadata``) atomically: temporary file, then rename."""
+    ``metadata``) atomically: temporary file, then rename. The file gets the mode the umask
+    gives (weights are shared). A full disk is a :class:`SaveError` saying how much space was
+    needed and is free; nothing is left behind (``source``: the checkpoint to name in it)."""
     tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
                for k, v in tensors.items()}
     metadata = {k: str(v) for k, v in metadata.items()}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temp(path)
+    mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask
     try:
         if path.endswith((".pth", ".pt")):
             torch.save({"state_dict": tensors, "metadata": metadata}, tmp)
         else:
             save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors (0.8) writes its files 0600 whatever the umask
         os.replace(tmp, path)
+    except Exception as e:
+        _release(e)
+        written = _tree_size(tmp)
+        _remove(tmp)
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        reason = _no_space_reason(e, folder, max(needed, written))
+        if reason is None and not _is_write_failure(e):
+            raise
+        kept = (f" The checkpoint {source} is intact: once there is room, run `python "
+                f"scripts/consolidate.py {source} --out {path}`." if source else "")
+        raise SaveError(
+            f"cannot write the weights file {path}: "
+            + (f"{reason} (needs about {_size(needed)}; {_size(_free(folder))} available)"
+               if reason else f"{type(e).__name__}: {e}")
+            + f". Nothing was written (the temporary file was removed).{kept}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
+
+
+def _create_temp(path: str) -> str:
+    """A new empty file beside ``path``, created with mode ``0666 & ~umask`` (``mkstemp``
+    makes it 0600, and the rename would keep that)."""
+    while True:
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+class SaveError(RuntimeError):
+    """A save that failed (a full disk, most often); the message says which path, why, how
+    much space it needed, and what was kept."""
+
+
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large for the file system"}
+
+
+def _errno_of(e: BaseException) -> Optional[int]:
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    m = re.search(r"os error (\d+)", str(e))  # safetensors (Rust) words it so
+    return int(m.group(1)) if m else None
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An I/O error, or torch's zip writer failing (which names no errno: ``[enforce fail at
+    inline_container.cc] unexpected pos``, ``PytorchStreamWriter failed writing``)."""
+    return isinstance(e, OSError) or _errno_of(e) is not None or bool(re.search(
+        r"inline_container|PytorchStreamWriter|unexpected pos|file write failed", str(e)))
+
+
+def _no_space_reason(e: BaseException, folder: str, needed: int) -> Optional[str]:
+    """Why a failed write ran out of space, or None when it did not. With no errno (torch's
+    writer), the file system's free space or the process's file-size limit decides."""
+    import resource
+
+    code = _errno_of(e)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    over_limit = limit != resource.RLIM_INFINITY and limit < needed
+    if code not in (None, errno.EFBIG) or (code is None and not _is_write_failure(e)):
+        return _NO_SPACE.get(code)
+    if over_limit:
+        return f"the process's file-size limit (ulimit -f) of {_size(limit)} was reached"
+    if code == errno.EFBIG:
+        return _NO_SPACE[code]
+    if _free(folder) < needed:
+        return "no space left on the device"
+    return None
+
+
+def _release(e: BaseException) -> None:
+    """Drop the failed writer's frames: until then torch's zip writer keeps the file open,
+    and a removed file's space is not given back."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # the writer sits in a chained exception's frames
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__context__
+    gc.collect()
+
+
+def _free(folder: str) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def _tree_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            try:
+                total += os.path.getsize(os.path.join(root, n))
+            except OSError:
+                pass
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    except OSError:
+        pass
 
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -131,17 +257,16 @@ RESUME_KEYS = [("meta", "model_name"), ("meta", "hidden_dim"), ("meta", "output_
                ("meta", "seed")]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
-
-
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
 
 
 def model_states_file(tag_dir: str) -> Optional[str]:
@@ -177,6 +302,11 @@ def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
     renames it (the commit point), then rewrites ``latest`` atomically (temporary file +
     rename) and prunes all but the newest ``keep_last``. A resume never looks at ``.partial``
     folders.
+
+    A write that fails (a full disk) removes the ``.partial`` and raises :class:`SaveError`
+    naming the path, the space needed and available, and the checkpoint that is kept. (With
+    several processes, one that fails alone leaves the others waiting at DeepSpeed's barrier;
+    a full shared file system fails them all.)
     """
     import torch.distributed as dist
 
@@ -188,11 +318,17 @@ def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
         os.makedirs(folder, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(folder, tag=tag + ".partial", client_state={"msn": client_state},
-                           save_latest=False)  # ends with a barrier: every rank has written
-    if rank_state is not None:  # this process's share of state DeepSpeed does not hold
-        torch.save(rank_state, os.path.join(partial, rank_file(dist.get_rank()
-                                                               if dist.is_initialized() else 0)))
+    try:
+        engine.save_checkpoint(folder, tag=tag + ".partial", client_state={"msn": client_state},
+                               save_latest=False)  # ends with a barrier: every rank has written
+        if rank_state is not None:  # this process's share of state DeepSpeed does not hold
+            me = dist.get_rank() if dist.is_initialized() else 0
+            torch.save(rank_state, os.path.join(partial, rank_file(me)))
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
+        raise _save_failed(e, folder, tag, partial) from None
+    if rank_state is not None:
         barrier()
     if is_main():
         final = os.path.join(folder, tag)
@@ -201,7 +337,11 @@ def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
             shutil.rmtree(stale, ignore_errors=True)
             os.rename(final, stale)
         os.rename(partial, final)
-        _atomic_write_text(os.path.join(folder, LATEST), tag)
+        try:
+            _atomic_write_text(os.path.join(folder, LATEST), tag)
+        except OSError as e:  # the checkpoint is complete; the pointer still names a valid one
+            raise SaveError(f"{final} was saved, but {os.path.join(folder, LATEST)} could not be "
+                            f"updated ({e}); it still names the previous checkpoint") from None
         shutil.rmtree(stale, ignore_errors=True)
         for _, old in complete_tags(folder)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
@@ -209,6 +349,28 @@ def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
     if dist.is_initialized():
         dist.barrier()
     return os.path.join(folder, tag)
+
+
+def _save_failed(e: BaseException, folder: str, tag: str, partial: str) -> SaveError:
+    """Remove the partial save and say why it failed, what it needed, and what is kept."""
+    _release(e)
+    written = _tree_size(partial)
+    _remove(partial)
+    previous = [t for _, t in complete_tags(folder) if t != tag]
+    if previous:
+        needed = max(_tree_size(os.path.join(folder, previous[-1])), written)
+        need = f"needs about {_size(needed)}, the size of {previous[-1]}"
+        kept = (f"The previous checkpoint {os.path.join(folder, previous[-1])} is intact and "
+                f"resumable (--resume).")
+    else:
+        needed = written + 1
+        need = f"needs more than the {_size(written)} written before it failed"
+        kept = "There is no earlier checkpoint in this folder."
+    reason = _no_space_reason(e, folder, needed)
+    what = (f"{reason} ({need}; {_size(_free(folder))} available)" if reason
+            else f"{type(e).__name__}: {e}")
+    return SaveError(f"cannot save checkpoint {os.path.join(folder, tag)}: {what}. {kept} "
+                     f"The partial save {partial} was removed.")
 
 
 def find_checkpoint(path: str) -> tuple[str, str]:
@@ -236,7 +398,9 @@ def read_model_states(load_dir: str, tag: str) -> dict:
     unpickling objects."""
     path = model_states_file(os.path.join(load_dir, tag)) or os.path.join(load_dir, tag, MODEL_STATES)
     try:
-        states = torch.load(path, map_location="cpu", weights_only=True)
+        states = safe_load(path)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
     if "msn" not in states:
@@ -288,24 +452,40 @@ def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> Resum
     where = os.path.join(load_dir, tag)
     state = read_model_states(load_dir, tag)["msn"]
     check_compatible(state, cfg, world_size, where)
+    scan(checkpoint_files(where))  # every process, before any of them loads anything
     plan = ResumePlan(load_dir, tag, state, state["world_size"])
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if state["world_size"] == world_size or stage == 0:
         return plan  # a ZeRO-0 checkpoint holds whole tensors: any world size loads it
     universal = where + ".universal"
     if is_main() and not model_states_file(universal):
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               where, "--output_folder", universal + ".tmp", "--inject_missing_state"]
-        shutil.rmtree(universal + ".tmp", ignore_errors=True)
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise CheckpointError(f"{where}: conversion to the universal format for "
-                                  f"{world_size} processes failed: {r.stderr[-2000:]}")
-        os.replace(universal + ".tmp", universal)
+        _convert_to_universal(where, universal, world_size)
     barrier()
+    scan(checkpoint_files(universal))  # one converted before, or put there by someone else
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     plan.tag = os.path.basename(universal)
     return plan
+
+
+def _convert_to_universal(where: str, universal: str, world_size: int) -> None:
+    """DeepSpeed's ``ds_to_universal`` through ``msn_ds.to_universal``, which restricts its
+    unpickling (it reads every optimizer-state file); written to ``.tmp``, then renamed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, FORCE_ENV: "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "msn_ds.to_universal", "--input_folder", where,
+           "--output_folder", universal + ".tmp", "--inject_missing_state"]
+    shutil.rmtree(universal + ".tmp", ignore_errors=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        shutil.rmtree(universal + ".tmp", ignore_errors=True)
+        errors = [line[len("error: "):] for line in r.stderr.splitlines()
+                  if line.startswith("error: ")]
+        if r.returncode == 2 and errors:
+            raise CheckpointError(errors[-1])
+        raise CheckpointError(f"{where}: conversion to the universal format for "
+                              f"{world_size} processes failed: {r.stderr[-2000:]}")
+    os.replace(universal + ".tmp", universal)
 
 
 def load_training_checkpoint(engine, plan: ResumePlan) -> tuple[dict, list[dict]]:
@@ -315,8 +495,12 @@ def load_training_checkpoint(engine, plan: ResumePlan) -> tuple[dict, list[dict]
     from .distributed import rank, world_size
 
     try:
-        loaded, _ = engine.load_checkpoint(plan.load_dir, tag=plan.tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+        with restricted_loads():  # DeepSpeed unpickles in full otherwise
+            loaded, _ = engine.load_checkpoint(plan.load_dir, tag=plan.tag,
+                                               load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{plan.where}: DeepSpeed could not load it "
                               f"({type(e).__name__}: {e})") from None
@@ -328,7 +512,9 @@ def load_training_checkpoint(engine, plan: ResumePlan) -> tuple[dict, list[dict]
     if not os.path.isfile(files[0]):
         return plan.state, []
     try:
-        return plan.state, [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        return plan.state, [safe_load(f) for f in files]
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{original}: unreadable per-process state ({e})") from None
 
@@ -347,10 +533,14 @@ def consolidate(path: str, out: str) -> dict[str, str]:
     states = read_model_states(load_dir, tag)
     state = states["msn"]
     stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    scan(checkpoint_files(where))
     if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         try:
-            module = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+            with restricted_loads():  # zero_to_fp32 unpickles in full otherwise
+                module = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{where}: cannot gather the ZeRO-{stage} shards "
                                   f"({type(e).__name__}: {e})") from None
@@ -366,8 +556,9 @@ def consolidate(path: str, out: str) -> dict[str, str]:
         if missing:
             raise CheckpointError(f"{where}: target-encoder slices missing: {missing[0]}")
         try:
-            target = assemble_slices([torch.load(f, map_location="cpu", weights_only=True)
-                                      for f in files])
+            target = assemble_slices([safe_load(f) for f in files])
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{where}: unreadable target-encoder slices ({e})") from None
     tensors = prefixed(target, TARGET_PREFIX, "backbone.")
@@ -381,5 +572,5 @@ def consolidate(path: str, out: str) -> dict[str, str]:
             "output_dim": cfg["meta"]["output_dim"], "use_bn": str(cfg["meta"]["use_bn"]).lower(),
             "step": state["step"], "epoch": state["epoch"], "config": state["config"],
             "source": where, "zero_stage": stage}
-    write_weights(out, tensors, meta)
+    write_weights(out, tensors, meta, source=where)
     return {k: str(v) for k, v in meta.items()}

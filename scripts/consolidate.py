@@ -6,13 +6,17 @@
 Key prefixes: target_encoder.* (a plain timm ViT state dict), target_head.*, anchor_encoder.*,
 anchor_head.*, prototypes; metadata: arch, img_size, hidden_dim, output_dim, use_bn, step,
 epoch, config.
+
+Every checkpoint file is read with torch's weights-only unpickler (DeepSpeed's own reads
+included): a file naming any other type is refused (exit 2), since unpickling a crafted
+checkpoint could run code. A full disk: a message with the space needed and free, exit 1.
 """
 import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.checkpoint import CheckpointError, consolidate  # noqa: E402
+from msn_ds.checkpoint import CheckpointError, SaveError, consolidate  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,6 +29,9 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SaveError as e:  # the checkpoint is fine; the output could not be written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: {meta['arch']} step {meta['step']} (ZeRO-{meta['zero_stage']} "
           f"checkpoint {meta['source']})")
     return 0

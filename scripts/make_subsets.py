@@ -4,7 +4,8 @@
         --splits 3 --seed 0 --out data/mnist_demo/subsets
 
 writes ``{k}imgs_class_split{s}.txt`` and ``{p}percent_split{s}.txt``, one
-``class_dir/filename`` per line (see eval/subsets.py for how images are drawn).
+``class_dir/filename`` per line (see eval/subsets.py for how images are drawn), each name
+as its bytes on disk, so names that are not UTF-8 survive the round trip.
 """
 import argparse
 import os
@@ -24,13 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for the subset files")
     args = p.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # paths print as their bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         subsets = make_subsets(args.root, args.per_class, args.percent, args.splits, args.seed)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in write_subsets(subsets, args.out):
-        with open(path) as f:
+        with open(path, "rb") as f:
             n = sum(1 for _ in f)
         print(f"wrote {path} ({n} images)")
     return 0

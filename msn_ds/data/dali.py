@@ -56,7 +56,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .probe import BAD, RAW, TRANSCODE, decode_rgb, probe, to_ppm
+from .probe import BAD, RAW, TRANSCODE, decode_rgb, probe, read_regular, to_ppm
 from .replay import ViewParams, replay
 from .sampler import GlobalBatchSampler, seed_for
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform
@@ -166,8 +166,7 @@ class _HostReader:
     def read(self, i: int) -> Optional[bytes]:
         """Bytes to hand DALI for file ``i``, or None if it is unreadable."""
         try:
-            with open(self.samples[i][0], "rb") as f:
-                data = f.read()
+            data = read_regular(self.samples[i][0])  # a FIFO raises instead of blocking
         except OSError as e:
             self._bad(i, f"{type(e).__name__}: {e}")
             return None
@@ -460,8 +459,7 @@ class DaliMultiCropLoader:
             i = next((j % n for j in range(index, index + n) if self._status[j % n] != BAD), None)
             if i is not None and self._status[i] == RAW:
                 try:
-                    with open(self.dataset.samples[i][0], "rb") as f:
-                        decode_rgb(f.read())
+                    decode_rgb(read_regular(self.dataset.samples[i][0]))
                     self._status[i] = TRANSCODE
                 except Exception as e:
                     self._mark_bad(i, f"{type(e).__name__}: {e}")

@@ -30,6 +30,14 @@ def resolve_loader(name: str) -> str:
     return name
 
 
+def count_unreadable(dataset, loader) -> int:
+    """How many distinct unreadable files were found so far, each counted once however many
+    epochs passed over it: the DALI loader's own record, else the dataset's shared mask (the
+    torch loader's workers write it). Cheap enough for every step."""
+    bad = getattr(loader, "bad_files", None)
+    return len(bad) if bad is not None else int(dataset.bad.sum())
+
+
 def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, world_size: int = 1,
                           rank: int = 0, device_id: Optional[int] = None,
                           loader: Optional[str] = None):

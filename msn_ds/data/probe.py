@@ -10,6 +10,8 @@ both loaders see the same pixels; unreadable ones are skipped by both.
 from __future__ import annotations
 
 import io
+import os
+import stat
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +27,22 @@ class Probe(NamedTuple):
     height: int = 0
     width: int = 0
     reason: str = ""
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of ``path``, refusing anything but a regular file *before* reading: opened
+    non-blocking, so a FIFO (or a file replaced by one after listing) raises ``OSError`` at
+    once instead of blocking the reader forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def decode_rgb(data: bytes) -> Image.Image:

@@ -1,11 +1,33 @@
-"""The multi-crop augmentation of DESIGN.md section 1 (torchvision.transforms.v2)."""
+"""The multi-crop augmentation of DESIGN.md section 1 (torchvision.transforms.v2).
+
+:func:`view_transform` is the stock torchvision ``v2.Compose``: the definition of a view, the
+object whose random draws :mod:`.replay` reproduces and the DALI loader replays.
+:class:`MultiCropTransform` applies it to the loader's images *fast*: it draws each view's
+parameters through those very transform objects (:func:`.replay.replay`: the same draws, in
+the same order, from the same seed) and applies them with kernels that give torchvision's
+pixels for a fraction of its CPU (profile: ``scripts/bench_data.py --profile``):
+
+* seeding: ``torch.default_generator.manual_seed`` per view inside one saved/restored state,
+  not ``torch.manual_seed`` under ``fork_rng`` (which also seeds every accelerator backend and
+  formats a stack trace per backend on each call);
+* hue: one pass of the closed-form HSV rotation instead of torchvision's RGB->HSV->RGB
+  round trip; same float formula, at most one grey level apart where rounding differs;
+* Gaussian blur: separable (two matrix products with the reflect-padded 1-D kernel) instead of
+  a 13 x 13 depthwise convolution; at most one grey level apart (about 2e-5 of the pixels);
+* ``ToDtype`` + ``Normalize``: one table look-up per pixel, bit-identical;
+* crop, flip, brightness, contrast, saturation, grayscale: torchvision's own kernels (flip and
+  grayscale through the transform objects), no v2 dispatch per call.
+"""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+from torchvision.transforms.v2 import functional as F
 from torchvision.transforms import v2
+
+from .replay import ViewParams, replay
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,11 +64,140 @@ def eval_transform(crop: int = 224, resize: int = 256) -> v2.Compose:
     ])
 
 
+# -- fast kernels -----------------------------------------------------------------------------
+
+# HSV -> RGB in closed form: channel = m + C * clamp(SIGN * |6h - CENTRE| + OFFSET, 0, 1)
+_CENTRE = torch.tensor([3.0, 2.0, 4.0]).view(3, 1, 1)
+_SIGN = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
+_OFFSET = torch.tensor([-1.0, 2.0, 2.0]).view(3, 1, 1)
+
+
+def adjust_hue_fast(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` on a uint8 (3, H, W) image, in one pass.
+
+    A hue shift keeps each pixel's max ``M`` and min ``m``; with ``C = M - m`` and ``t`` the
+    shifted hue in sixths of a turn, R, G, B become ``m + C * clamp(|t - 3| - 1, 0, 1)``,
+    ``m + C * clamp(2 - |t - 2|, 0, 1)``, ``m + C * clamp(2 - |t - 4|, 0, 1)``: the float
+    formula of torchvision's RGB->HSV->RGB without its stacks and gathers; within one grey
+    level of it."""
+    if image.shape[-3] != 3 or image.numel() == 0:
+        return image
+    x = image.float()
+    r, g, b = x.unbind(-3)
+    mn, mx = torch.aminmax(x, dim=-3)
+    chroma = mx - mn
+    div = torch.where(chroma == 0, 1.0, chroma)
+    h = torch.where(mx == r, g - b, torch.where(mx == g, (b - r).add_(div, alpha=2.0),
+                                                (r - g).add_(div, alpha=4.0)))
+    t = h.div_(div).add_(6.0 * hue_factor).remainder_(6.0)
+    w = torch.addcmul(_OFFSET, _SIGN, (t.unsqueeze(-3) - _CENTRE).abs_()).clamp_(0.0, 1.0)
+    # torchvision maps [0, 1] floats back with x * 255.999, truncated
+    scale = 255.999 / 255.0
+    out = torch.addcmul(mn.mul_(scale).unsqueeze(-3), chroma.mul_(scale).unsqueeze(-3), w)
+    return out.to(torch.uint8)
+
+
+_BLUR_INDEX: dict = {}
+
+
+def _blur_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix ``B`` with ``x @ B`` = ``x`` convolved with ``kernel`` along its last axis,
+    reflect-padded as torchvision pads (edge pixel not repeated)."""
+    k = kernel.numel()
+    key = (n, k)
+    if key not in _BLUR_INDEX:
+        out = torch.arange(n).view(-1, 1)
+        src = out + torch.arange(k).view(1, -1) - k // 2
+        src = torch.where(src < 0, -src, src)
+        src = torch.where(src >= n, 2 * (n - 1) - src, src)
+        _BLUR_INDEX[key] = (src.flatten(), out.expand(n, k).flatten())
+    rows, cols = _BLUR_INDEX[key]
+    return torch.zeros(n, n).index_put_((rows, cols), kernel.repeat(n), accumulate=True)
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
+    """torchvision's 1-D Gaussian kernel (its 2-D kernel is the outer product of two)."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=torch.float32)
+    return torch.softmax(x.div(sigma).pow(2).neg(), dim=0)
+
+
+def gaussian_blur_fast(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` (square kernel, reflect padding) on a uint8 (C, H, W)
+    image, as two matrix products; within one grey level of its 2-D convolution."""
+    k = gaussian_kernel1d(kernel_size, sigma)
+    h, w = image.shape[-2:]
+    bw = _blur_matrix(w, k)
+    bh = bw if h == w else _blur_matrix(h, k)
+    out = torch.matmul(bh.t(), torch.matmul(image.float(), bw))
+    return out.round_().to(torch.uint8)
+
+
+def _tail_lut(transform: v2.Compose) -> torch.Tensor:
+    """(3, 256) table: the Compose's own ``ToDtype`` + ``Normalize`` applied to every uint8
+    value; per-element float ops, so looking pixels up in it is bit-identical."""
+    ramp = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256)
+    x = ramp.clone()
+    for t in transform.transforms:
+        if isinstance(t, (v2.ToDtype, v2.Normalize)):
+            x = t(x)
+    if x.dtype != torch.float32:
+        raise TypeError("view transform must end in ToDtype(float32, scale=True) + Normalize")
+    return x.reshape(3, 256).contiguous()
+
+
+class _FastView:
+    """Applies one view ``Compose`` as :class:`MultiCropTransform` does (see module doc)."""
+
+    def __init__(self, transform: v2.Compose):
+        self.transform = transform
+        kinds = [type(t) for t in transform.transforms]
+        expected = [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.ToImage, v2.RandomApply,
+                    v2.RandomGrayscale, v2.RandomApply, v2.ToDtype, v2.Normalize]
+        if kinds != expected:
+            raise TypeError(f"MultiCropTransform applies view_transform's layout, got {kinds}")
+        self.crop, self.flip, _, _, self.gray = transform.transforms[:5]
+        self.lut = _tail_lut(transform)
+
+    def __call__(self, img) -> torch.Tensor:
+        height, width = F.get_size(img)
+        p: ViewParams = replay(self.transform, height, width)  # draws exactly as transform(img)
+        x = F.resized_crop(img, p.top, p.left, p.height, p.width, self.crop.size,
+                           interpolation=self.crop.interpolation, antialias=self.crop.antialias)
+        if p.flip:
+            x = self.flip.transform(x, {})
+        # CHW-contiguous: torchvision's pil_to_tensor is a strided view of the HWC pixels, on
+        # which every colour op below runs slower
+        x = (F.pil_to_tensor(x) if not isinstance(x, torch.Tensor)
+             else x.as_subclass(torch.Tensor)).contiguous()
+        if p.jitter is not None:
+            j = p.jitter
+            for fn in j["fn_idx"].tolist():
+                if fn == 0 and j["brightness_factor"] is not None:
+                    x = F.adjust_brightness_image(x, j["brightness_factor"])
+                elif fn == 1 and j["contrast_factor"] is not None:
+                    x = F.adjust_contrast_image(x, j["contrast_factor"])
+                elif fn == 2 and j["saturation_factor"] is not None:
+                    x = F.adjust_saturation_image(x, j["saturation_factor"])
+                elif fn == 3 and j["hue_factor"] is not None:
+                    x = adjust_hue_fast(x, j["hue_factor"])
+        if p.gray:
+            x = self.gray.transform(x, {"num_input_channels": x.shape[-3]})
+        if p.sigma is not None:
+            x = gaussian_blur_fast(x, p.kernel, p.sigma)
+        c, h, w = x.shape
+        idx = x.reshape(c, h * w).long()
+        return torch.gather(self.lut, 1, idx).view(c, h, w)
+
+
 class MultiCropTransform:
     """Returns ``[target, anchor x rand_views, focal x focal_views]`` views of one image.
 
     ``view_seeds`` (one per view) make every view's random parameters a function of the
-    caller's seed, independent of worker count and process layout.
+    caller's seed, independent of worker count and process layout; the caller's RNG state is
+    left as it was. Without them the views draw from the global torch RNG.
+    ``self.rand``/``self.focal`` are the ``view_transform`` Composes whose draws are used
+    (and replayed by the DALI loader); the pixels are computed by :class:`_FastView`.
     """
 
     def __init__(self, rand_size: int = 224, focal_size: int = 96, rand_views: int = 1,
@@ -57,19 +208,28 @@ class MultiCropTransform:
         self.focal = view_transform(focal_size, focal_scale, color_jitter)
         self.num_rand = rand_views + 1  # the first is the target view
         self.num_focal = focal_views
+        self._fast: Optional[tuple] = None
 
     @property
     def num_views(self) -> int:
         return self.num_rand + self.num_focal
 
+    def __getstate__(self):
+        return dict(self.__dict__, _fast=None)  # rebuilt where used (DALI host workers)
+
     def __call__(self, img, view_seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
-        views = []
-        for i in range(self.num_views):
-            transform = self.rand if i < self.num_rand else self.focal
-            if view_seeds is None:
-                views.append(transform(img))
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(view_seeds[i])
-                    views.append(transform(img))
+        if self._fast is None:
+            self._fast = (_FastView(self.rand), _FastView(self.focal))
+        rand, focal = self._fast
+        if view_seeds is None:
+            return [(rand if i < self.num_rand else focal)(img) for i in range(self.num_views)]
+        gen = torch.default_generator
+        state = gen.get_state()
+        try:
+            views = []
+            for i in range(self.num_views):
+                gen.manual_seed(view_seeds[i])
+                views.append((rand if i < self.num_rand else focal)(img))
+        finally:
+            gen.set_state(state)
         return views
