@@ -193,8 +193,9 @@ def main(argv=None) -> int:
         waited_since = time.perf_counter()
         for views, _, skipped in loader:
             data_wait = time.perf_counter() - waited_since
-            bad_images = check_bad_images(dataset, loader, bad_images, stop,
-                                          cfg["data"]["max_bad_fraction"])
+            if skipped:  # only a batch that passed over a bad file can have found a new one
+                bad_images = check_bad_images(dataset, loader, bad_images, stop,
+                                              cfg["data"]["max_bad_fraction"])
             out = trainer.step(views, step, log=monitor.due(step + 1), stop=stop.flag)
             step += 1
             monitor.update(dict(out.stats, loss=out.loss, skipped=out.skipped),
