@@ -42,12 +42,15 @@ What differs (pixel values only; measured in ``tests/test_dali.py``):
   Clipping to [0, 255] happens once per op group rather than after each op.
 * grayscale: saturation set to 0 in the same ``hsv`` op (luma, as torchvision, up to
   rounding).
-* blur: the same kernel size, sigma and reflect padding; rounding differs by one grey level.
+* blur: torchvision's 1-D kernel for the same sigma (taps under 1e-7 cut, as the torch path
+  cuts them) and reflect padding, one pass per axis rounded to uint8 in between; rounding
+  differs by about one grey level.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import pickle
 import weakref
 from collections import deque
@@ -92,28 +95,59 @@ def view_vector(p: ViewParams) -> np.ndarray:
                      b, c, s, hue, sigma, window], dtype=np.float32)
 
 
+# Blur: DALI's ``filter`` (a separable pass per axis, uint8 in and out) with torchvision's
+# 1-D kernel, computed on the host per view, without its taps below 1e-7; only the views
+# that draw a blur run it (a conditional: DALI splits the batch). DALI's ``gaussian_blur``
+# costs 6x more on the CPU (2.3 ms instead of 0.35 ms for a 13-tap 224-px view, 1 thread),
+# and ran on every view, a 1-tap window costing a full pass.
+
+
+def blur_kernels(views: np.ndarray) -> list[np.ndarray]:
+    """torchvision's 1-D Gaussian kernel, as a (1, k) row, for each view vector (..., 11) that
+    draws a blur, ``[[1]]`` for the others; flattened in the vectors' order, taps under 1e-7
+    cut."""
+    flat = views.reshape(-1, views.shape[-1])
+    out = [np.ones((1, 1), np.float32)] * len(flat)
+    for j in np.flatnonzero(flat[:, 10] > 1):
+        size, sigma = int(flat[j, 10]), float(flat[j, 9])
+        lim = (size - 1) / (2.0 * math.sqrt(2.0))
+        x = np.linspace(-lim, lim, size, dtype=np.float32) / np.float32(sigma)
+        k = np.exp(-(x * x) - np.max(-(x * x)))
+        k = (k / k.sum()).astype(np.float32)
+        keep = np.flatnonzero(k > 1e-7)
+        reach = max(size // 2 - keep[0], keep[-1] - size // 2)
+        out[j] = k[None, size // 2 - reach: size // 2 + reach + 1]
+    return out
+
+
 def build_pipeline(source, view_sizes: Sequence[int], batch_size: int, num_threads: int,
                    device_id: Optional[int], prefetch: int = 2):
-    """The DALI graph: decode once, then per view ROI-resize, jitter, blur, flip+normalise.
+    """The DALI graph: decode once, then per view ROI-resize, jitter, blur (only the views
+    that draw one), flip+normalise.
 
-    ``source()`` returns one batch ``(encoded, meta, view_0 args, view_1 args, ...)``, or
-    raises StopIteration at the end of the epoch."""
+    ``source()`` returns one batch ``(encoded, meta, view args..., blur kernels...)``, two
+    per view (:func:`view_vector`, :func:`blur_kernels`), or raises StopIteration at the end
+    of the epoch."""
     from nvidia.dali import fn, pipeline_def, types
+
+    conv = getattr(fn, "filter", None) or fn.experimental.filter  # DALI < 1.42: experimental
 
     gpu = device_id is not None
     mean = [255.0 * m for m in IMAGENET_MEAN]
     std = [255.0 * s for s in IMAGENET_STD]
+    n = len(view_sizes)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch)
+                  prefetch_queue_depth=prefetch, enable_conditionals=True)
     def pipe():
-        encoded, meta, *args = fn.external_source(
-            source=source, num_outputs=2 + len(view_sizes), batch=True,
-            dtype=[types.UINT8, types.INT64] + [types.FLOAT] * len(view_sizes))
+        encoded, meta, *inputs = fn.external_source(
+            source=source, num_outputs=2 + 2 * n, batch=True,
+            dtype=[types.UINT8, types.INT64] + [types.FLOAT] * (2 * n))
+        args, kernels = inputs[:n], inputs[n:]
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                   output_type=types.RGB, adjust_orientation=False)
         outputs = []
-        for p, size in zip(args, view_sizes):
+        for p, kernel, size in zip(args, kernels, view_sizes):
             x = fn.resize(image, size=[size, size], roi_start=p[0:2], roi_end=p[2:4],
                           roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
             luma = fn.reductions.mean(fn.color_space_conversion(
@@ -122,7 +156,9 @@ def build_pipeline(source, view_sizes: Sequence[int], batch_size: int, num_threa
                 luma = luma.cpu()
             x = fn.brightness_contrast(x, brightness=p[5], contrast=p[6], contrast_center=luma)
             x = fn.hsv(x, saturation=p[7], hue=p[8])
-            x = fn.gaussian_blur(x, sigma=p[9], window_size=fn.cast(p[10], dtype=types.INT32))
+            if p[10] > 1:
+                x = conv(x, kernel, border="reflect_101")  # along the rows: (1, k)
+                x = conv(x, fn.reshape(kernel, src_dims=[1, 0]), border="reflect_101")
             outputs.append(fn.crop_mirror_normalize(
                 x, mirror=fn.cast(p[4], dtype=types.INT32), mean=mean, std=std,
                 dtype=types.FLOAT, output_layout="CHW"))
@@ -381,7 +417,8 @@ class DaliMultiCropLoader:
             raise HostError(f"host side of a batch of {self.dataset.root} failed: "
                             f"{type(e).__name__}: {e}") from e
         self._pending.append(items)
-        return (encoded, meta, *views)
+        kernels, b = blur_kernels(views), len(encoded)
+        return (encoded, meta, *views, *(kernels[v * b:(v + 1) * b] for v in range(len(views))))
 
     def _build(self) -> None:
         self._pipe = build_pipeline(self._callback, self.view_sizes, self.batch_size,

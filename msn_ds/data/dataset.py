@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -218,9 +219,14 @@ class MultiViewImageFolder(SafeImageFolder):
 
 
 def collate_views(batch):
-    """``[(views, label, skipped)] -> ([view_0 batch, view_1 batch, ...], labels, skipped)``."""
+    """``[(views, label, skipped)] -> ([view_0 batch, view_1 batch, ...], labels, skipped)``.
+
+    Stacked by ``default_collate``, which in a loader worker writes straight into shared
+    memory; a plain ``torch.stack`` there costs one more copy of the batch on its way to the
+    training process."""
     views, labels, skipped = zip(*batch)
-    return [torch.stack(v) for v in zip(*views)], torch.tensor(labels), sum(skipped)
+    return ([default_collate(list(v)) for v in zip(*views)], torch.tensor(labels),
+            sum(skipped))
 
 
 def read_list_file(path: str) -> list[str]:
