@@ -26,7 +26,8 @@ $(DEMO_DATA)/.complete: .venv/.installed scripts/make_demo_data.py
 
 demo: .venv/.installed $(DEMO_DATA)/.complete
 	rm -rf $(DEMO_RUN)
-	$(PY) train.py --config configs/demo_cpu.yaml --deepspeed_config ds_configs/zero0_fp32.json
+	$(PY) train.py --config configs/demo_cpu.yaml --deepspeed_config ds_configs/zero0_fp32.json \
+		eval.knn_every_steps=124
 	$(PY) scripts/make_subsets.py $(DEMO_DATA)/train --per-class 1 2 5 --splits 3 --seed 0 --out $(DEMO_RUN)/subsets
 	$(PY) scripts/demo_eval.py --weights $(DEMO_RUN)/demo-target.safetensors --root $(DEMO_DATA) --subsets $(DEMO_RUN)/subsets
 

@@ -64,7 +64,8 @@ def build_knn_monitor(cfg: dict, source: str):
     try:
         return KNNMonitor(train, val, train_root=train_folder(cfg), k=ev["knn_k"], crop=crop,
                           resize=ev["knn_resize"] or round(crop * 256 / 224),
-                          batch_size=ev["knn_batch_size"])
+                          batch_size=ev["knn_batch_size"],
+                          train_per_class=ev["knn_train_per_class"])
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{source}: eval.knn_train/knn_val: {e}") from None
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from msn_ds.data import eval_folder, eval_transform
 
 from .knn import knn_accuracy
+from .subsets import make_subsets
 
 log = logging.getLogger("msn_ds")
 
@@ -34,14 +35,23 @@ log = logging.getLogger("msn_ds")
 class KNNMonitor:
     def __init__(self, train: str, val: str, *, train_root: Optional[str] = None, k: int = 20,
                  crop: int = 224, resize: int = 256, batch_size: int = 256,
-                 temperature: float = 0.07, cache_gib: float = 2.0):
+                 temperature: float = 0.07, cache_gib: float = 2.0,
+                 train_per_class: Optional[int] = None):
         """``train``: an image folder, or a subset file (``class_dir/filename`` per line) of
-        ``train_root``; ``val``: an image folder with the same class folders."""
+        ``train_root``; ``val``: an image folder with the same class folders.
+        ``train_per_class``: keep that many images of each class of the train folder, drawn
+        as ``make_subsets.py --per-class N --splits 1 --seed 0`` draws them (so a run needs no
+        subset file to watch k-NN on a bounded set)."""
         transform = eval_transform(crop, resize)
         if os.path.isfile(train):
+            if train_per_class:
+                raise ValueError(f"{train} is a subset file already; knn_train_per_class "
+                                 "applies to an image folder")
             self.train = eval_folder(train_root, transform, subset_file=train)
         else:
             self.train = eval_folder(train, transform)
+            if train_per_class:
+                self.train = _per_class(self.train, train, train_per_class)
         self.val = eval_folder(val, transform)
         if self.train.classes != self.val.classes:
             raise ValueError(f"k-NN sets {train} and {val} have different class folders")
@@ -103,6 +113,18 @@ class KNNMonitor:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _per_class(dataset, root: str, n: int):
+    """``dataset`` restricted to the balanced subset of ``n`` images per class that
+    :func:`eval.subsets.make_subsets` draws (its own seeded order: no global RNG)."""
+    (lines,) = make_subsets(root, per_class=(n,), splits=1, seed=0).values()
+    wanted = set(lines)
+    keep = [(p, y) for p, y in dataset.samples
+            if os.path.relpath(p, root).replace(os.sep, "/") in wanted]
+    dataset.samples = dataset.imgs = keep
+    dataset.targets = [y for _, y in keep]
+    return dataset
 
 
 def _rank() -> int:

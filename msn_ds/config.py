@@ -103,6 +103,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
     "eval": {
         "knn_every_steps": ((int,), 0),  # 0: off
         "knn_train": ((str, None), None),  # image folder or subset file; null: the train folder
+        "knn_train_per_class": ((int, None), None),  # a balanced subset of the folder; null: all
         "knn_val": ((str, None), None),  # image folder; null: <root_path>/<image_folder>/val
         "knn_k": ((int,), 20),
         "knn_crop": ((int, None), None),  # null: data.rand_size
@@ -272,7 +273,7 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
     for key in ("knn_every_steps",):
         if ev[key] < 0:
             fail(f"eval.{key}", f"must be >= 0, got {ev[key]}")
-    for key in ("knn_k", "knn_batch_size", "knn_crop", "knn_resize"):
+    for key in ("knn_k", "knn_batch_size", "knn_crop", "knn_resize", "knn_train_per_class"):
         if ev[key] is not None and ev[key] < 1:
             fail(f"eval.{key}", f"must be >= 1, got {ev[key]}")
     if check_paths and ev["knn_every_steps"]:

@@ -1,5 +1,7 @@
-"""The bar of the evaluation issue: on the bundled demo data, a pretrained encoder beats the
-same architecture at random initialisation in 5-shot logistic regression."""
+"""`make demo` visibly learns: its run (configs/demo_cpu.yaml with k-NN on, as the Makefile
+starts it) ends with sharp targets, k-NN accuracy that rose while it trained, and a 5-shot
+accuracy far above the same architecture at random initialisation."""
+import json
 import os
 import subprocess
 import sys
@@ -15,20 +17,30 @@ from msn_ds.checkpoint import load_encoder  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 from helpers import cpu_env
 
+# Measured on 2 CPU cores (the demo's 992 steps, about 7 minutes): 5-shot 39.2 +- 2.5 % top-1
+# (3 splits of 50 images, 1 000 test images) against 22.2 +- 0.4 % for the untrained encoder;
+# k-NN 34.5 % at step 124, 44.4 % at step 992; max_t 0.59 (38x uniform). The bar of the
+# issue is 15 points over random init; the test asks for MARGIN, below it by more than the
+# spread of reruns with other thread counts (see the README's demo sweep).
+MARGIN = 12.0
 
-def test_pretrained_beats_random_init_at_5_shots(demo_root, tmp_path):
-    """Two epochs of the demo recipe (124 steps of 64 images, ~3 minutes on 2 cores).
-    Measured on 2 CPU cores: 25.8 +- 1.2 % top-1 (3 splits of 50 images, 1 000 test images)
-    against 22.2 +- 0.4 % for the untrained encoder; the bar asks for 2 points more than the
-    untrained mean and more than its best split."""
+
+def test_demo_run_learns(demo_root, tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo_cpu.yaml",
                         "--deepspeed_config", "ds_configs/zero0_fp32.json",
                         f"data.root_path={demo_root}", f"logging.folder={run}",
-                        "optimization.epochs=2", "logging.log_every=31", "data.loader=torch"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                        "eval.knn_every_steps=124", "data.loader=torch"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=3600,
                        env=cpu_env(OMP_NUM_THREADS="2"))
     assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    knn = [row["knn_top1"] for row in rows if "knn_top1" in row]
+    max_t = [row["max_t"] for row in rows if "max_t" in row]
+    num_proto = 64
+    print(f"k-NN top-1 by 124 steps: {knn}; final max_t {max_t[-1]:.3f}")
+    assert len(knn) == 8 and knn[-1] > knn[0] + 3.0, knn
+    assert max_t[-1] >= 5.0 / num_proto, max_t[-1]  # targets 5x sharper than uniform
 
     data = os.path.join(demo_root, "mnist_demo")
     paths = []
@@ -37,7 +49,7 @@ def test_pretrained_beats_random_init_at_5_shots(demo_root, tmp_path):
         (tmp_path / name).write_text("\n".join(lines) + "\n")
         paths.append(str(tmp_path / name))
     trained, meta = load_encoder(str(run / "demo-target.safetensors"))
-    assert meta["step"] == "124"
+    assert meta["step"] == "992"
     import torch
     torch.manual_seed(0)
     random = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=512, output_dim=128).eval()
@@ -45,4 +57,4 @@ def test_pretrained_beats_random_init_at_5_shots(demo_root, tmp_path):
     ours = [s["top1"] for s in run_fewshot(trained, data, paths, **kw)["splits"]]
     base = [s["top1"] for s in run_fewshot(random, data, paths, **kw)["splits"]]
     print(f"5-shot top-1: pretrained {np.mean(ours):.2f} {ours}, random {np.mean(base):.2f} {base}")
-    assert np.mean(ours) > np.mean(base) + 2.0 and np.mean(ours) > max(base), (ours, base)
+    assert np.mean(ours) >= np.mean(base) + MARGIN and min(ours) > max(base), (ours, base)

@@ -55,6 +55,29 @@ def test_monitor_is_eval_knn_on_the_targets_features(demo_root, tmp_path):
     assert len(train_ds) == 100 and 10 < got["knn_top1"] < 100
 
 
+def test_per_class_subset_is_make_subsets_draw(demo_root, tmp_path):
+    """``eval.knn_train_per_class``: the balanced subset make_subsets.py would write, drawn
+    without the global generator; refused on a subset file and when a class is too small."""
+    from eval.subsets import make_subsets
+
+    root = os.path.join(demo_root, "mnist_demo")
+    train = os.path.join(root, "train")
+    rng = torch.get_rng_state()
+    monitor = KNNMonitor(train, os.path.join(root, "val"), train_root=train, crop=32,
+                         resize=32, train_per_class=7)
+    assert torch.equal(torch.get_rng_state(), rng)
+    (lines,) = make_subsets(train, per_class=(7,), splits=1, seed=0).values()
+    got = sorted(os.path.relpath(p, train) for p, _ in monitor.train.samples)
+    assert got == sorted(lines) and len(got) == 70
+    assert monitor.train.targets == [y for _, y in monitor.train.samples]
+    assert sorted(set(monitor.train.targets)) == list(range(10))
+    subset = subset_file(demo_root, tmp_path / "subset.txt")
+    with pytest.raises(ValueError, match="subset file already"):
+        KNNMonitor(subset, os.path.join(root, "val"), train_root=train, train_per_class=7)
+    with pytest.raises(ValueError, match="cannot draw"):
+        KNNMonitor(train, os.path.join(root, "val"), train_root=train, train_per_class=10**6)
+
+
 def test_two_processes_equal_one(demo_root, tmp_path):
     """Each process extracts every second image (97 and 1000 images: padded shares); rank
     0's accuracy equals one process's."""
