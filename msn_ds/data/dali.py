@@ -95,11 +95,12 @@ def view_vector(p: ViewParams) -> np.ndarray:
                      b, c, s, hue, sigma, window], dtype=np.float32)
 
 
-# Blur: DALI's ``filter`` (a separable pass per axis, uint8 in and out) with torchvision's
-# 1-D kernel, computed on the host per view, without its taps below 1e-7; only the views
-# that draw a blur run it (a conditional: DALI splits the batch). DALI's ``gaussian_blur``
-# costs 6x more on the CPU (2.3 ms instead of 0.35 ms for a 13-tap 224-px view, 1 thread),
-# and ran on every view, a 1-tap window costing a full pass.
+# Blur on the CPU: DALI's ``filter`` (a separable pass per axis, uint8 in and out) with
+# torchvision's 1-D kernel, computed on the host per view, without its taps below 1e-7; only
+# the views that draw a blur run it (a conditional: DALI splits the batch). DALI's
+# ``gaussian_blur`` costs 6x more on the CPU (2.3 ms instead of 0.35 ms for a 13-tap 224-px
+# view, 1 thread), and ran on every view, a 1-tap window costing a full pass. On the GPU the
+# graph keeps ``gaussian_blur`` on every view (cheap there, and untested on a GPU so far).
 
 
 def blur_kernels(views: np.ndarray) -> list[np.ndarray]:
@@ -156,7 +157,10 @@ def build_pipeline(source, view_sizes: Sequence[int], batch_size: int, num_threa
                 luma = luma.cpu()
             x = fn.brightness_contrast(x, brightness=p[5], contrast=p[6], contrast_center=luma)
             x = fn.hsv(x, saturation=p[7], hue=p[8])
-            if p[10] > 1:
+            if gpu:  # cheap there; the GPU graph is the one prepared for its first run
+                x = fn.gaussian_blur(x, sigma=p[9],
+                                     window_size=fn.cast(p[10], dtype=types.INT32))
+            elif p[10] > 1:
                 x = conv(x, kernel, border="reflect_101")  # along the rows: (1, k)
                 x = conv(x, fn.reshape(kernel, src_dims=[1, 0]), border="reflect_101")
             outputs.append(fn.crop_mirror_normalize(
