@@ -17,11 +17,12 @@ from msn_ds.checkpoint import load_encoder  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 from helpers import cpu_env
 
-# Measured on 2 CPU cores (the demo's 992 steps, about 7 minutes): 5-shot 39.2 +- 2.5 % top-1
+# Measured on 2 CPU cores (the demo's 868 steps, about 8 minutes): 5-shot 41.0 +- 3.1 % top-1
 # (3 splits of 50 images, 1 000 test images) against 22.2 +- 0.4 % for the untrained encoder;
-# k-NN 34.5 % at step 124, 44.4 % at step 992; max_t 0.59 (38x uniform). The bar of the
-# issue is 15 points over random init; the test asks for MARGIN, below it by more than the
-# spread of reruns with other thread counts (see the README's demo sweep).
+# k-NN 35.0 % at step 124, 45.5 % at step 868; max_t 0.59 (38x uniform). The bar of the
+# issue is 15 points over random init; the test asks for MARGIN, 7 points below the
+# measured gain: reruns with other thread counts are not bit-identical, and neighbouring
+# settings of the README's sweep moved 5-shot by 1-3 points.
 MARGIN = 12.0
 
 
@@ -39,7 +40,7 @@ def test_demo_run_learns(demo_root, tmp_path):
     max_t = [row["max_t"] for row in rows if "max_t" in row]
     num_proto = 64
     print(f"k-NN top-1 by 124 steps: {knn}; final max_t {max_t[-1]:.3f}")
-    assert len(knn) == 8 and knn[-1] > knn[0] + 3.0, knn
+    assert len(knn) == 7 and knn[-1] > knn[0] + 3.0, knn
     assert max_t[-1] >= 5.0 / num_proto, max_t[-1]  # targets 5x sharper than uniform
 
     data = os.path.join(demo_root, "mnist_demo")
@@ -49,7 +50,7 @@ def test_demo_run_learns(demo_root, tmp_path):
         (tmp_path / name).write_text("\n".join(lines) + "\n")
         paths.append(str(tmp_path / name))
     trained, meta = load_encoder(str(run / "demo-target.safetensors"))
-    assert meta["step"] == "992"
+    assert meta["step"] == "868"
     import torch
     torch.manual_seed(0)
     random = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=512, output_dim=128).eval()
