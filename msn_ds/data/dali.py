@@ -127,8 +127,8 @@ def build_pipeline(source, view_sizes: Sequence[int], batch_size: int, num_threa
     that draw one), flip+normalise.
 
     ``source()`` returns one batch ``(encoded, meta, view args..., blur kernels...)``, two
-    per view (:func:`view_vector`, :func:`blur_kernels`), or raises StopIteration at the end
-    of the epoch."""
+    per view (:func:`view_vector`, :func:`blur_kernels`; no kernels for a GPU graph), or
+    raises StopIteration at the end of the epoch."""
     from nvidia.dali import fn, pipeline_def, types
 
     conv = getattr(fn, "filter", None) or fn.experimental.filter  # DALI < 1.42: experimental
@@ -138,13 +138,15 @@ def build_pipeline(source, view_sizes: Sequence[int], batch_size: int, num_threa
     std = [255.0 * s for s in IMAGENET_STD]
     n = len(view_sizes)
 
+    inputs_per_view = 1 if gpu else 2  # the GPU graph takes no blur kernels
+
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, enable_conditionals=True)
+                  prefetch_queue_depth=prefetch, enable_conditionals=not gpu)
     def pipe():
         encoded, meta, *inputs = fn.external_source(
-            source=source, num_outputs=2 + 2 * n, batch=True,
-            dtype=[types.UINT8, types.INT64] + [types.FLOAT] * (2 * n))
-        args, kernels = inputs[:n], inputs[n:]
+            source=source, num_outputs=2 + inputs_per_view * n, batch=True,
+            dtype=[types.UINT8, types.INT64] + [types.FLOAT] * (inputs_per_view * n))
+        args, kernels = inputs[:n], (inputs[n:] or [None] * n)
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                   output_type=types.RGB, adjust_orientation=False)
         outputs = []
@@ -421,6 +423,8 @@ class DaliMultiCropLoader:
             raise HostError(f"host side of a batch of {self.dataset.root} failed: "
                             f"{type(e).__name__}: {e}") from e
         self._pending.append(items)
+        if self.device_id is not None:
+            return (encoded, meta, *views)
         kernels, b = blur_kernels(views), len(encoded)
         return (encoded, meta, *views, *(kernels[v * b:(v + 1) * b] for v in range(len(views))))
 
