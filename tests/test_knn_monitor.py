@@ -104,8 +104,8 @@ def test_two_processes_equal_one(demo_root, tmp_path):
 
 def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path):
     subset = subset_file(demo_root, tmp_path / "subset.txt")
-    knn = ["eval.knn_every_steps=2", f"eval.knn_train={subset}", "eval.knn_resize=32",
-           "eval.knn_k=5", "logging.tensorboard=true"]
+    knn = ["eval.knn_every_steps=2", f"eval.knn_train={subset}", "eval.knn_train_per_class=null",
+           "eval.knn_resize=32", "eval.knn_k=5", "logging.tensorboard=true"]
     plain, with_knn, resumed = (str(tmp_path / n) for n in ("plain", "knn", "resumed"))
     run(args(demo_root, plain, 6))
     r = run(args(demo_root, with_knn, 6, "zero0_fp32.json", *knn))

@@ -56,15 +56,16 @@ def test_world_size_invariance(demo_root, one_process, tmp_path, ds):
     summation order of the gradient average differs. Adam amplifies that rounding where the
     true gradient is zero (the head's biases before BatchNorm, the final LayerNorm's bias:
     their gradient is pure rounding noise, whose sign Adam's normalised step follows), so
-    after 5 steps the weights agree to 7.9e-5 relative over the whole parameter vector
-    (measured: identical for ZeRO-1 and ZeRO-2) and the losses to about 6e-5 (the head's
+    after 5 steps the weights agree to 1.1e-4 relative over the whole parameter vector
+    (measured: identical for ZeRO-1 and ZeRO-2; the demo's sharpening 0.1 amplifies more than
+    the reference's 0.25, at which it was 7.9e-5) and the losses to about 6e-5 (the head's
     BatchNorm per size group sums smaller groups: 6.1e-5 measured at step 5).
     """
     folder = str(tmp_path / "ws2")
     launch(args(demo_root, folder, ds, 4), nproc=2)
     a, b = flat(one_process), flat(folder)
     rel = ((a - b).norm() / a.norm()).item()
-    assert rel < 1e-4, rel  # measured: 7.9e-5 (ZeRO-1, ZeRO-2), 8.1e-5 (ZeRO-3)
+    assert rel < 1.5e-4, rel  # measured: 1.13e-4 (ZeRO-1, ZeRO-2), 1.11e-4 (ZeRO-3)
     tolerance = {"loss": dict(rel=1.5e-4), "ce": dict(rel=1.5e-4),
                  "me_max": dict(abs=5e-5)}  # me_max = log K - H: a small difference of logs
     rows1, rows2 = metrics(one_process), metrics(folder)
@@ -104,14 +105,14 @@ def test_zero3_resume_is_bit_identical(demo_root, tmp_path):
     assert torch.equal(flat(straight), flat(resumed))
 
 
-@pytest.mark.parametrize("ds,tol", [("zero0_fp32.json", 1e-4), ("zero1_fp32.json", 1e-4),
+@pytest.mark.parametrize("ds,tol", [("zero0_fp32.json", 1.5e-4), ("zero1_fp32.json", 1.5e-4),
                                     ("zero3_fp32.json", 5e-4)])
 def test_resume_at_another_world_size(demo_root, one_process, tmp_path, ds, tol):
     """Saved by 2 processes of 4, resumed by 1 process of 8 (the global batch is kept, so a
     step means the same images): ZeRO-0 loads directly, ZeRO-1..3 through DeepSpeed's
     universal format, the ZeRO-3 target's slices are re-sliced. Steps 4-5 continue the data
-    order; the weights match one process throughout to rounding (measured 8.8e-5 relative
-    for ZeRO-0/1 and 2.9e-4 for ZeRO-3 at step 6 of the same setup)."""
+    order; the weights match one process throughout to rounding (measured 1.09e-4 and 1.12e-4
+    relative for ZeRO-0/1 at step 5, 2.9e-4 for ZeRO-3 at step 6 of the same setup)."""
     folder = str(tmp_path / "run")
     launch(args(demo_root, folder, ds, 4, 3), nproc=2)
     r = launch(args(demo_root, folder, ds, 8, 5) + ["--resume"])
