@@ -15,7 +15,7 @@ import time
 import torch
 
 from msn_ds import distributed as D
-from msn_ds.checkpoint import (CheckpointError, SaveError, consolidate,
+from msn_ds.io.checkpoint import (CheckpointError, SaveError, consolidate,
                                load_training_checkpoint,
                                plan_resume, save_training_checkpoint)
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder

@@ -34,7 +34,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.checkpoint import TARGET_PREFIX, read_weights  # noqa: E402
+from msn_ds.io.checkpoint import TARGET_PREFIX, read_weights  # noqa: E402
 from msn_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from msn_ds.models import resolve_arch  # noqa: E402
 

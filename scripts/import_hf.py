@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.checkpoint import HEAD_PREFIX, TARGET_PREFIX, write_weights  # noqa: E402
+from msn_ds.io.checkpoint import HEAD_PREFIX, TARGET_PREFIX, write_weights  # noqa: E402
 from msn_ds.models.vit import VIT_SIZES, resolve_arch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the placeholder projection head")
     args = p.parse_args(argv)
-    import msn_ds.checkpoint as ckpt
+    import msn_ds.io.checkpoint as ckpt
 
     try:
         meta = import_folder(args.folder, args.out, args.seed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import ROOT, run_cli
-from msn_ds.checkpoint import TARGET_PREFIX, encoder_metadata, read_weights, save_weights
+from msn_ds.io.checkpoint import TARGET_PREFIX, encoder_metadata, read_weights, save_weights
 from msn_ds.config import ConfigError, load_config
 from msn_ds.engine import build_models, check_init_weights
 from msn_ds.models import MSNEncoder

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from msn_ds.checkpoint import load_encoder
+from msn_ds.io.checkpoint import load_encoder
 from msn_ds.config import load_config
 from msn_ds.flops import StepShape
 from helpers import cpu_env

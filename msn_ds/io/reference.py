@@ -22,8 +22,8 @@ import torch
 
 from .checkpoint import (ANCHOR_HEAD_PREFIX, ANCHOR_PREFIX, HEAD_PREFIX, TARGET_PREFIX,
                          encoder_metadata, read_weights)
-from .models import MSNEncoder, resolve_arch
-from .models.vit import VIT_SIZES
+from ..models import MSNEncoder, resolve_arch
+from ..models.vit import VIT_SIZES
 
 DDP_PREFIX = "module."
 HEAD_KEY = "fc."

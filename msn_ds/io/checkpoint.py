@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .models import MSNEncoder
+from ..models import MSNEncoder
 from .safe_load import (FORCE_ENV, CheckpointError, checkpoint_files, restricted_loads, safe_load,
                         scan)
 
@@ -310,7 +310,7 @@ def save_training_checkpoint(engine, folder: str, step: int, client_state: dict,
     """
     import torch.distributed as dist
 
-    from .distributed import barrier, is_main
+    from ..distributed import barrier, is_main
 
     tag = f"global_step{step}"
     partial = os.path.join(folder, tag + ".partial")
@@ -446,7 +446,7 @@ def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> Resum
     """Find and check the checkpoint before the engine exists. At another world size a ZeRO
     checkpoint is first converted to DeepSpeed's universal format (rank 0, once; every
     process waits) and ``ds_config`` is told to load it."""
-    from .distributed import barrier, is_main
+    from ..distributed import barrier, is_main
 
     load_dir, tag = find_checkpoint(path)
     where = os.path.join(load_dir, tag)
@@ -468,12 +468,12 @@ def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> Resum
 
 
 def _convert_to_universal(where: str, universal: str, world_size: int) -> None:
-    """DeepSpeed's ``ds_to_universal`` through ``msn_ds.to_universal``, which restricts its
+    """DeepSpeed's ``ds_to_universal`` through ``msn_ds.io.to_universal``, which restricts its
     unpickling (it reads every optimizer-state file); written to ``.tmp``, then renamed."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, FORCE_ENV: "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "msn_ds.to_universal", "--input_folder", where,
+    cmd = [sys.executable, "-m", "msn_ds.io.to_universal", "--input_folder", where,
            "--output_folder", universal + ".tmp", "--inject_missing_state"]
     shutil.rmtree(universal + ".tmp", ignore_errors=True)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -492,7 +492,7 @@ def load_training_checkpoint(engine, plan: ResumePlan) -> tuple[dict, list[dict]
     """Restore the engine (weights, optimiser); return our client state and the per-process
     states saved beside it (the target's slices under ZeRO-3): this process's own when the
     world size is unchanged, every process's otherwise (to be re-sliced)."""
-    from .distributed import rank, world_size
+    from ..distributed import rank, world_size
 
     try:
         with restricted_loads():  # DeepSpeed unpickles in full otherwise
@@ -549,7 +549,7 @@ def consolidate(path: str, out: str) -> dict[str, str]:
     cfg = yaml.safe_load(state["config"])
     target = state.get("target_encoder")
     if target is None:  # ZeRO-3: every process saved its slices of the fp32 target
-        from .ema import assemble_slices
+        from ..ema import assemble_slices
 
         files = [os.path.join(where, rank_file(r)) for r in range(state["world_size"])]
         missing = [f for f in files if not os.path.isfile(f)]
@@ -566,7 +566,7 @@ def consolidate(path: str, out: str) -> dict[str, str]:
     tensors.update(prefixed(module, ANCHOR_PREFIX, "encoder.backbone."))
     tensors.update(prefixed(module, ANCHOR_HEAD_PREFIX, "encoder.head."))
     tensors["prototypes"] = module["prototypes.weight"]
-    from .models import resolve_arch
+    from ..models import resolve_arch
     meta = {"arch": resolve_arch(cfg["meta"]["model_name"]).name,
             "img_size": cfg["data"]["rand_size"], "hidden_dim": cfg["meta"]["hidden_dim"],
             "output_dim": cfg["meta"]["output_dim"], "use_bn": str(cfg["meta"]["use_bn"]).lower(),
