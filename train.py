@@ -15,9 +15,6 @@ import time
 import torch
 
 from msn_ds import distributed as D
-from msn_ds.io.checkpoint import (CheckpointError, SaveError, consolidate,
-                               load_training_checkpoint,
-                               plan_resume, save_training_checkpoint)
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
@@ -26,6 +23,10 @@ from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_sche
                            check_init_weights, configure_precision, init_deepspeed, init_target,
                            read_ds_config, resolve_ds_config)
 from msn_ds.flops import StepShape, peak_flops
+from msn_ds.io.atomic import SaveError
+from msn_ds.io.checkpoint import (consolidate, load_training_checkpoint, plan_resume,
+                                  save_training_checkpoint)
+from msn_ds.io.safe_load import CheckpointError
 from msn_ds.monitor import Monitor, setup_logging
 from msn_ds.run_folder import RunFolderError, claim_everywhere, folder_problem
 

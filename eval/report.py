@@ -60,7 +60,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 def build_source(args, device) -> tuple[Optional[MSNEncoder], dict]:
     """The encoder named by the source arguments (None for pixels) and its JSON description."""
     if args.weights:
-        from msn_ds.io.checkpoint import load_encoder
+        from msn_ds.io.weights import load_encoder
 
         encoder, meta = load_encoder(args.weights, device)
         return encoder, {"source": args.weights, "weights": os.path.abspath(args.weights),

@@ -54,7 +54,7 @@ def init_encoder_(encoder: MSNEncoder, path: str, assign: bool = False) -> None:
     ``scripts/import_hf.py``/``import_msn.py``): the backbone always, its position embedding
     resampled to this run's grid; the head when the file has a trained one
     (metadata ``head`` is not ``absent``). The target then starts as a copy."""
-    from .io.checkpoint import HEAD_PREFIX, TARGET_PREFIX, read_weights
+    from .io.weights import HEAD_PREFIX, TARGET_PREFIX, read_weights
     from .models.vit import resample_pos_embed
 
     try:

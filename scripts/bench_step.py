@@ -57,6 +57,7 @@ from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_sche
                            configure_precision, init_deepspeed, init_target, read_ds_config,
                            resolve_ds_config)
 from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
+from msn_ds.io.atomic import atomic_write  # noqa: E402
 from msn_ds.monitor import peak_memory_gib  # noqa: E402
 
 OOM_EXIT = 3  # a trial child's exit code when it ran out of device memory
@@ -171,9 +172,10 @@ def trial_config(spec: dict) -> dict:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)  # the parent never reads half a report
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+    atomic_write(path, write)  # the parent never reads half a report
 
 
 def trial_main(spec: dict) -> int:
