@@ -19,9 +19,9 @@ from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_fol
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
 from msn_ds.data.views_grid import log_views
+from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
-                           check_init_weights, configure_precision, init_deepspeed, init_target,
-                           read_ds_config, resolve_ds_config)
+                           check_init_weights, configure_precision, init_deepspeed, init_target)
 from msn_ds.flops import StepShape, peak_flops
 from msn_ds.io.atomic import SaveError
 from msn_ds.io.checkpoint import (consolidate, load_training_checkpoint, plan_resume,

@@ -53,9 +53,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds import distributed as D  # noqa: E402
 from msn_ds.config import ConfigError, load_config  # noqa: E402
+from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config, zero_stage  # noqa: E402
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,  # noqa: E402
-                           configure_precision, init_deepspeed, init_target, read_ds_config,
-                           resolve_ds_config)
+                           configure_precision, init_deepspeed, init_target)
 from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
 from msn_ds.io.atomic import atomic_write  # noqa: E402
 from msn_ds.monitor import peak_memory_gib  # noqa: E402
@@ -155,7 +155,7 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
                 "tflops_per_device": ips * per_image / 1e12,
                 "mfu": mfu(ips, per_image, peak_flops(device)), "loss": loss,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+                "zero_stage": zero_stage(ds_config),
                 "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
                 "activation_checkpointing": cfg["meta"]["activation_checkpointing"]}
     finally:

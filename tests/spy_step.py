@@ -16,8 +16,9 @@ import torch
 
 from msn_ds import distributed as D
 from msn_ds.config import load_config
+from msn_ds.deepspeed_config import resolve_ds_config
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
-                           init_deepspeed, init_target, resolve_ds_config)
+                           init_deepspeed, init_target)
 from msn_ds.monitor import Monitor
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "msn_ds")

@@ -172,7 +172,7 @@ def test_compiled_blocks_match_eager():
 
 def test_compile_config_errors():
     from msn_ds.config import ConfigError, load_config
-    from msn_ds.engine import resolve_ds_config
+    from msn_ds.deepspeed_config import resolve_ds_config
 
     with pytest.raises(ConfigError, match="meta.compile"):
         load_config("configs/demo_cpu.yaml", ["meta.compile=tensorrt"], check_paths=False)

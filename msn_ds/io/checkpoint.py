@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..deepspeed_config import zero_stage
 from .atomic import (SaveError, atomic_write, free_space, human_size, is_write_failure,
                      no_space_reason, release_writer, remove_path, tree_size)
 from .safe_load import (FORCE_ENV, CheckpointError, checkpoint_files, restricted_loads, safe_load,
@@ -219,7 +220,7 @@ def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> Resum
     check_compatible(state, cfg, world_size, where)
     scan(checkpoint_files(where))  # every process, before any of them loads anything
     plan = ResumePlan(load_dir, tag, state, state["world_size"])
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds_config)
     if state["world_size"] == world_size or stage == 0:
         return plan  # a ZeRO-0 checkpoint holds whole tensors: any world size loads it
     universal = where + ".universal"
@@ -297,7 +298,7 @@ def consolidate(path: str, out: str) -> dict[str, str]:
     where = os.path.join(load_dir, tag)
     states = read_model_states(load_dir, tag)
     state = states["msn"]
-    stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(states.get("ds_config") or {})
     scan(checkpoint_files(where))
     if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
