@@ -32,7 +32,7 @@ def representation(pixels: bool, before_norm: bool) -> str:
 def add_source_args(p: argparse.ArgumentParser) -> None:
     """``--weights | --random-init | --pixels`` and the options every evaluation shares."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="safetensors weights file (msn_ds.io.checkpoint), or a "
+    src.add_argument("--weights", help="safetensors weights file (msn_ds.io.weights), or a "
                                        "file converted by scripts/import_msn.py")
     src.add_argument("--random-init", metavar="ARCH", help="untrained encoder of this arch")
     src.add_argument("--pixels", action="store_true",

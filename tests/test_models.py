@@ -139,7 +139,8 @@ def test_activation_checkpointing_gives_the_same_gradients(every):
 
 
 def _loss_and_grads(cfg, views):
-    from msn_ds.engine import build_criterion, build_models
+    from msn_ds.engine import build_models
+    from msn_ds.trainer import build_criterion
 
     model, target = build_models(cfg)
     with torch.no_grad():
