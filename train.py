@@ -15,19 +15,19 @@ import time
 import torch
 
 from msn_ds import distributed as D
-from msn_ds.checkpoint import (CheckpointError, SaveError, consolidate,
-                               load_training_checkpoint,
-                               plan_resume, save_training_checkpoint)
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
 from msn_ds.data.views_grid import log_views
-from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
-                           check_init_weights, configure_precision, init_deepspeed, init_target,
-                           read_ds_config, resolve_ds_config)
+from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
+from msn_ds.engine import check_init_weights, configure_precision
 from msn_ds.flops import StepShape, peak_flops
+from msn_ds.io.atomic import SaveError
+from msn_ds.io.checkpoint import consolidate, load_training_checkpoint, save_training_checkpoint
+from msn_ds.io.safe_load import CheckpointError
 from msn_ds.monitor import Monitor, setup_logging
 from msn_ds.run_folder import RunFolderError, claim_everywhere, folder_problem
+from msn_ds.trainer import build
 
 log = logging.getLogger("msn_ds")
 
@@ -130,26 +130,21 @@ def main(argv=None) -> int:
         return 2
     for note in claim.notes:
         log.warning("%s", note)
-    plan = None
-    if claim.resume_from is not None:  # checked (and converted, at another world size) first
-        try:
-            plan = plan_resume(claim.resume_from, cfg, D.world_size(), ds_config)
-        except CheckpointError as e:
-            log.error("cannot resume: %s", e)
-            claim.release()
-            D.cleanup()
-            return 2
+    spe = sampler.batches_per_epoch
+    try:  # the resume is checked (and converted, at another world size) first
+        built = build(cfg, ds_config, spe, claim.resume_from)
+    except CheckpointError as e:
+        log.error("cannot resume: %s", e)
+        claim.release()
+        D.cleanup()
+        return 2
+    engine, target, schedules, trainer, plan = (built.engine, built.target, built.schedules,
+                                                built.trainer, built.plan)
     if D.is_main():  # only now: a refused resume leaves the folder as it was
         with open(os.path.join(folder, f"{cfg['logging']['write_tag']}-config.yaml"), "w") as f:
             f.write(dump(cfg))
     if cfg["logging"]["tensorboard"] and D.is_main():
         log_views(cfg, dataset, loader)  # TensorBoard data/views: what the encoders see
-    model, target = build_models(cfg)
-    engine = init_deepspeed(model, ds_config)
-    target, ema = init_target(target, engine, ds_config)
-    spe = sampler.batches_per_epoch
-    schedules = build_schedules(cfg, spe)
-    trainer = MSNTrainer(engine, target, ema, build_criterion(cfg), schedules, cfg)
 
     total = schedules.total_steps if args.max_steps is None else min(args.max_steps,
                                                                      schedules.total_steps)

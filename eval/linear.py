@@ -39,7 +39,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
@@ -51,6 +50,7 @@ from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 from msn_ds.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from msn_ds.io.atomic import atomic_write
 
 from .features import FeatureCache, dataset_features, encoder_fingerprint
 from .knn import load_datasets, topk_accuracy
@@ -90,19 +90,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     perm = epoch_permutation(n, seed, epoch)
     return [(perm[i:i + batch_size][rank::world_size], len(perm[i:i + batch_size]))
             for i in range(0, n, batch_size)]
-
-
-def save_atomic(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
@@ -190,8 +177,9 @@ def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
         last = {"epoch": epoch + 1, "train_top1": 100.0 * float(stats[0]) / n,
                 "loss": float(stats[1]) / n}
         if ckpt_path and rank == 0:
-            save_atomic({"linear": model.state_dict(), "optimizer": opt.state_dict(),
-                         "epoch": epoch + 1, "config": config}, ckpt_path)
+            state = {"linear": model.state_dict(), "optimizer": opt.state_dict(),
+                     "epoch": epoch + 1, "config": config}
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if log:
             log(f"epoch {epoch + 1}/{epochs} loss {last['loss']:.4f} "
                 f"train top1 {last['train_top1']:.2f} lr {cosine_lr(lr0, step + 1, total):.4g}")

@@ -32,7 +32,7 @@ def representation(pixels: bool, before_norm: bool) -> str:
 def add_source_args(p: argparse.ArgumentParser) -> None:
     """``--weights | --random-init | --pixels`` and the options every evaluation shares."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="safetensors weights file (msn_ds.checkpoint), or a "
+    src.add_argument("--weights", help="safetensors weights file (msn_ds.io.weights), or a "
                                        "file converted by scripts/import_msn.py")
     src.add_argument("--random-init", metavar="ARCH", help="untrained encoder of this arch")
     src.add_argument("--pixels", action="store_true",
@@ -60,7 +60,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 def build_source(args, device) -> tuple[Optional[MSNEncoder], dict]:
     """The encoder named by the source arguments (None for pixels) and its JSON description."""
     if args.weights:
-        from msn_ds.checkpoint import load_encoder
+        from msn_ds.io.weights import load_encoder
 
         encoder, meta = load_encoder(args.weights, device)
         return encoder, {"source": args.weights, "weights": os.path.abspath(args.weights),

@@ -269,7 +269,8 @@ class Claim:
 def claim(folder: str, resume: Optional[str], overwrite: bool) -> Claim:
     """Rank 0: lock ``folder`` and decide what this run may do there. ``resume``: None
     (fresh), ``"latest"``, ``"auto"`` or a checkpoint path."""
-    from .checkpoint import CheckpointError, complete_tags, find_checkpoint
+    from .io.checkpoint import complete_tags, find_checkpoint
+    from .io.safe_load import CheckpointError
 
     problem = folder_problem(folder)
     if problem:

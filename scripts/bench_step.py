@@ -53,11 +53,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds import distributed as D  # noqa: E402
 from msn_ds.config import ConfigError, load_config  # noqa: E402
-from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,  # noqa: E402
-                           configure_precision, init_deepspeed, init_target, read_ds_config,
-                           resolve_ds_config)
+from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config, zero_stage  # noqa: E402
+from msn_ds.engine import configure_precision  # noqa: E402
 from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
+from msn_ds.io.atomic import atomic_write  # noqa: E402
 from msn_ds.monitor import peak_memory_gib  # noqa: E402
+from msn_ds.trainer import build  # noqa: E402
 
 OOM_EXIT = 3  # a trial child's exit code when it ran out of device memory
 OOM_ERROR = "out of memory"
@@ -121,13 +122,10 @@ class Timer:
 def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
     """Build the step for ``cfg``, time it, tear it down. Raises on out-of-memory."""
     ds_config = resolve_ds_config(read_ds_config(ds_path), cfg, D.world_size(), ds_path)
-    model, target = build_models(cfg)
-    engine = init_deepspeed(model, ds_config)
-    target, ema = init_target(target, engine, ds_config)
-    trainer = MSNTrainer(engine, target, ema, build_criterion(cfg),
-                         build_schedules(cfg, steps_per_epoch=1000), cfg)
-    device = engine.device if isinstance(engine.device, torch.device) \
-        else torch.device(engine.device)
+    built = build(cfg, ds_config, steps_per_epoch=1000)
+    trainer = built.trainer
+    device = built.engine.device if isinstance(built.engine.device, torch.device) \
+        else torch.device(built.engine.device)
     configure_precision(device)  # TF32 for fp32 runs on CUDA, as train.py
     batch = cfg["criterion"]["batch_size"]
     views = synthetic_views(cfg, batch, device)
@@ -154,11 +152,11 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
                 "tflops_per_device": ips * per_image / 1e12,
                 "mfu": mfu(ips, per_image, peak_flops(device)), "loss": loss,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+                "zero_stage": zero_stage(ds_config),
                 "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
                 "activation_checkpointing": cfg["meta"]["activation_checkpointing"]}
     finally:
-        del trainer, engine, target, ema, model, views
+        del trainer, built, views
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -171,9 +169,10 @@ def trial_config(spec: dict) -> dict:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)  # the parent never reads half a report
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+    atomic_write(path, write)  # the parent never reads half a report
 
 
 def trial_main(spec: dict) -> int:

@@ -16,7 +16,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.checkpoint import CheckpointError, SaveError, consolidate  # noqa: E402
+from msn_ds.io.atomic import SaveError  # noqa: E402
+from msn_ds.io.checkpoint import consolidate  # noqa: E402
+from msn_ds.io.safe_load import CheckpointError  # noqa: E402
 
 
 def main(argv=None) -> int:

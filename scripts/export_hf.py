@@ -29,13 +29,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.checkpoint import TARGET_PREFIX, read_weights  # noqa: E402
 from msn_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from msn_ds.io.atomic import SaveError, atomic_write  # noqa: E402
+from msn_ds.io.weights import TARGET_PREFIX, read_weights  # noqa: E402
 from msn_ds.models import resolve_arch  # noqa: E402
 
 LAYER_NORM_EPS = 1e-6  # build_vit's; transformers' ViTMSNConfig default is 1e-6 too
@@ -245,14 +245,16 @@ def model_card(meta: dict, arch: str, img_size: int, params: int, sha: str, lice
 
 
 def write_folder_atomic(out: str, files: dict[str, bytes | str]) -> None:
-    """Each file under a temporary name, then renamed: no file is ever half written (an
-    interrupted export leaves some files old, some new; rerun it)."""
-    os.makedirs(out, exist_ok=True)
+    """Each file with :func:`atomic_write`: no file is ever half written (an interrupted
+    export leaves some files old, some new; rerun it)."""
     for name, content in files.items():
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
-        os.replace(tmp, os.path.join(out, name))
+        data = content.encode() if isinstance(content, str) else content
+        atomic_write(os.path.join(out, name), lambda tmp, data=data: _write_bytes(tmp, data))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def export(weights: str, out: str, results_json: list[str] = (), license_: str = "apache-2.0",
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         info = export(args.weights, args.out, args.eval, args.license, args.dataset)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: ViTMSNModel {info['arch']} at {info['img_size']} px, "

@@ -26,7 +26,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.checkpoint import HEAD_PREFIX, TARGET_PREFIX, write_weights  # noqa: E402
+from msn_ds.io.atomic import SaveError  # noqa: E402
+from msn_ds.io.weights import HEAD_PREFIX, TARGET_PREFIX, write_weights  # noqa: E402
 from msn_ds.models.vit import VIT_SIZES, resolve_arch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -199,11 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the placeholder projection head")
     args = p.parse_args(argv)
-    import msn_ds.checkpoint as ckpt
-
     try:
         meta = import_folder(args.folder, args.out, args.seed)
-    except (OSError, ValueError, getattr(ckpt, "SaveError", OSError)) as e:  # full disk etc.
+    except (OSError, ValueError, SaveError) as e:  # full disk etc.
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {meta['arch']} at {meta['img_size']} px (target encoder; the "

@@ -13,8 +13,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.checkpoint import save_weights  # noqa: E402
-from msn_ds.reference import export_reference, load_reference, read_ours  # noqa: E402
+from msn_ds.io.atomic import SaveError  # noqa: E402
+from msn_ds.io.reference import export_reference, load_reference, read_ours  # noqa: E402
+from msn_ds.io.weights import save_weights  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
             if meta.get("head") == "absent":
                 print(f"warning: {args.src} has no projection head; the head in {args.out} is "
                       "randomly initialised (the backbone is what you want)", file=sys.stderr)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parts = ["target"] + (["anchor"] if anchor is not None else []) + \

@@ -14,12 +14,12 @@ import argparse
 import gzip
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from msn_ds.io.atomic import atomic_write
 
 MARKER = "demo_data.json"
 
@@ -63,12 +63,10 @@ def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
         print(f"{out}: already complete ({marker['counts']}), nothing to do")
         return marker
     images, labels = load_mnist()
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".mnist_demo-")
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
-        counts = {}
+    counts = {}
+    marker = dict(params, counts=counts)
+
+    def write(tmp: str) -> None:
         for split, rows in split_rows(labels, val_fraction, seed).items():
             for digit in range(10):
                 os.makedirs(os.path.join(tmp, split, str(digit)))
@@ -76,13 +74,10 @@ def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
                 Image.fromarray(images[r]).convert("RGB").save(
                     os.path.join(tmp, split, str(labels[r]), f"{r:05d}.png"))
             counts[split] = int(len(rows))
-        marker = dict(params, counts=counts)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(marker, f, indent=1)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+
+    atomic_write(out, write, folder=True)  # the whole folder or none of it
     print(f"wrote {out}: {counts['train']} train / {counts['val']} val digits (28x28 RGB PNG)")
     return marker
 

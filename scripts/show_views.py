@@ -41,10 +41,7 @@ def main(argv=None) -> int:
         return 2
     data = cfg["data"]
     kind = resolve_loader(args.loader or data["loader"])
-    transform = MultiCropTransform(
-        rand_size=data["rand_size"], focal_size=data["focal_size"], rand_views=data["rand_views"],
-        focal_views=data["focal_views"], color_jitter=data["color_jitter_strength"],
-        rand_scale=data["rand_scale"], focal_scale=data["focal_scale"])
+    transform = MultiCropTransform.from_config(data)
     dataset = MultiViewImageFolder(train_folder(cfg), transform, seed=cfg["meta"]["seed"])
     device_id = 0 if kind == "dali" and torch.cuda.is_available() else None
     grid = grid_for_config(cfg, dataset, kind, args.samples, device_id)

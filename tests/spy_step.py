@@ -16,9 +16,9 @@ import torch
 
 from msn_ds import distributed as D
 from msn_ds.config import load_config
-from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
-                           init_deepspeed, init_target, resolve_ds_config)
+from msn_ds.deepspeed_config import resolve_ds_config
 from msn_ds.monitor import Monitor
+from msn_ds.trainer import build
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "msn_ds")
 SPIED = ["item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"]
@@ -59,11 +59,10 @@ def run(ds_config, tmp):
     cfg = load_config("configs/demo_cpu.yaml", ["data.root_path=/nonexistent",
                                                 "criterion.batch_size=4"], check_paths=False)
     ds = resolve_ds_config(ds_config, cfg, 1)
-    model, target = build_models(cfg)
-    engine = init_deepspeed(model, ds)
-    target, ema = init_target(target, engine, ds)
-    trainer = MSNTrainer(engine, target, ema, build_criterion(cfg), build_schedules(cfg, 100), cfg)
-    monitor = Monitor(tmp, 5, 4, log_every=4, tensorboard=False, device=torch.device(engine.device))
+    built = build(cfg, ds, steps_per_epoch=100)
+    trainer = built.trainer
+    monitor = Monitor(tmp, 5, 4, log_every=4, tensorboard=False,
+                      device=torch.device(built.engine.device))
     views = synthetic_views(cfg, 4)
     step_calls, poll_calls, log_calls = Counter(), Counter(), Counter()
     for step in range(5):

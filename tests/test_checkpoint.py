@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from msn_ds.checkpoint import read_weights
+from msn_ds.io.weights import read_weights
 from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

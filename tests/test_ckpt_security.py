@@ -96,7 +96,7 @@ import os, sys
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 import torch
-from msn_ds.safe_load import CheckpointError, restricted_loads
+from msn_ds.io.safe_load import CheckpointError, restricted_loads
 
 crafted, poisoned = sys.argv[1:3]
 results = []
@@ -135,7 +135,7 @@ def test_deepspeed_reads_are_restricted(zero1_run, tmp_path):
                                                  "torch.serialization.load: refused|"
                                                  "swallowed: refused")
     r = launch(["--input_folder", os.path.join(crafted, "global_step1"), "--output_folder",
-                tmp_path / "universal", "--inject_missing_state"], module="msn_ds.to_universal",
+                tmp_path / "universal", "--inject_missing_state"], module="msn_ds.io.to_universal",
                expect=2)
     assert_refused(r, poisoned)
     assert not marker.exists()
@@ -155,7 +155,7 @@ def genuine(demo_root, tmp_path_factory):
 def test_allow_list_is_what_genuine_checkpoints_hold(genuine):
     """Every global outside torch's own list that these checkpoints reference is on ours,
     and ours holds nothing they (or fp16's loss scaler) do not use."""
-    from msn_ds.safe_load import allowed_globals, checkpoint_files
+    from msn_ds.io.safe_load import allowed_globals, checkpoint_files
 
     found = set()
     for folder in genuine.values():
@@ -174,7 +174,7 @@ def test_fp16_loss_scaler_loads(tmp_path):
     launch(["-c", r"""
 import sys, torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-from msn_ds.safe_load import safe_load
+from msn_ds.io.safe_load import safe_load
 s = DynamicLossScaler(2.0**16, 1000, 1, 2, False)
 torch.save({"optimizer_state_dict": {"loss_scaler": s, "dynamic_loss_scale": True}}, sys.argv[1])
 got = safe_load(sys.argv[1])["optimizer_state_dict"]["loss_scaler"]

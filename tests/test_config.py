@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from msn_ds.config import ConfigError, load_config
-from msn_ds.engine import resolve_ds_config
+from msn_ds.deepspeed_config import resolve_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, "configs", "pretrain", "msn_vits16.yaml")

@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 
 from eval.logistic import run_fewshot  # noqa: E402
 from eval.subsets import make_subsets  # noqa: E402
-from msn_ds.checkpoint import load_encoder  # noqa: E402
+from msn_ds.io.weights import load_encoder  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 from helpers import cpu_env
 

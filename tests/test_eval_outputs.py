@@ -16,7 +16,7 @@ import eval.features as features  # noqa: E402
 from eval.features import FeatureCache, encoder_fingerprint  # noqa: E402
 from eval.logistic import evaluate_fewshot, preprocess, run_fewshot  # noqa: E402
 from eval.report import sha256_file  # noqa: E402
-from msn_ds.checkpoint import encoder_metadata, save_weights  # noqa: E402
+from msn_ds.io.weights import encoder_metadata, save_weights  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 
 from helpers import run_cli, write_folder  # noqa: E402

@@ -5,7 +5,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from msn_ds.config import load_config
-from msn_ds.engine import build_criterion, build_models
+from msn_ds.engine import build_models
+from msn_ds.trainer import build_criterion
 from msn_ds.flops import StepShape, head_forward_flops, mfu, vit_forward_flops
 from msn_ds.models.vit import resolve_arch
 

@@ -213,7 +213,8 @@ def test_fused_adamw_on_cuda():
     """build_optimizer gives torch's fused AdamW on CUDA, and its device-side skip works:
     ``found_inf`` = 1 leaves the parameters alone, 0 updates them."""
     from msn_ds.config import load_config
-    from msn_ds.engine import build_models, build_optimizer, param_groups, read_ds_config
+    from msn_ds.deepspeed_config import read_ds_config
+    from msn_ds.engine import build_models, build_optimizer, param_groups
 
     cfg = load_config(os.path.join(ROOT, "configs/demo_cpu.yaml"), check_paths=False)
     model, _ = build_models(cfg)

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, ViTMSNConfig, ViTMSNModel
 
 from helpers import cpu_env, run_cli, write_folder
-from msn_ds.checkpoint import (TARGET_PREFIX, encoder_metadata, load_encoder, read_weights,
-                               save_weights)
 from msn_ds.data import IMAGENET_STD, eval_transform
+from msn_ds.io.weights import (TARGET_PREFIX, encoder_metadata, load_encoder, read_weights,
+                               save_weights)
 from msn_ds.models import MSNEncoder
 
 ROOT = Path(__file__).resolve().parents[1]

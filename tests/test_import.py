@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from msn_ds.checkpoint import load_encoder, read_weights, save_weights
-from msn_ds.reference import ReferenceCheckpointError, load_reference
+from msn_ds.io.reference import ReferenceCheckpointError, load_reference
+from msn_ds.io.weights import load_encoder, read_weights, save_weights
 from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers import ROOT, run_cli
-from msn_ds.checkpoint import TARGET_PREFIX, encoder_metadata, read_weights, save_weights
 from msn_ds.config import ConfigError, load_config
 from msn_ds.engine import build_models, check_init_weights
+from msn_ds.io.weights import TARGET_PREFIX, encoder_metadata, read_weights, save_weights
 from msn_ds.models import MSNEncoder
 
 DEMO = str(ROOT / "configs" / "demo_cpu.yaml")  # vit_pico_4, 32 px, head 512 -> 128

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 from eval.knn import knn_accuracy, knn_classify, run_knn, sha256_file  # noqa: E402
 from eval.linear import (CHECKPOINT, cosine_lr, epoch_batches, evaluate_linear,  # noqa: E402
                          run_linear, scaled_lr, train_linear)
-from msn_ds.checkpoint import encoder_metadata, save_weights  # noqa: E402
+from msn_ds.io.weights import encoder_metadata, save_weights  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 
 from helpers import run_cli, write_folder  # noqa: E402

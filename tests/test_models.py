@@ -139,7 +139,8 @@ def test_activation_checkpointing_gives_the_same_gradients(every):
 
 
 def _loss_and_grads(cfg, views):
-    from msn_ds.engine import build_criterion, build_models
+    from msn_ds.engine import build_models
+    from msn_ds.trainer import build_criterion
 
     model, target = build_models(cfg)
     with torch.no_grad():
@@ -172,7 +173,7 @@ def test_compiled_blocks_match_eager():
 
 def test_compile_config_errors():
     from msn_ds.config import ConfigError, load_config
-    from msn_ds.engine import resolve_ds_config
+    from msn_ds.deepspeed_config import resolve_ds_config
 
     with pytest.raises(ConfigError, match="meta.compile"):
         load_config("configs/demo_cpu.yaml", ["meta.compile=tensorrt"], check_paths=False)

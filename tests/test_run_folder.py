@@ -16,7 +16,7 @@ import time
 import pytest
 
 from helpers import ROOT, cpu_env, run_cli, write_folder
-from msn_ds.checkpoint import read_weights
+from msn_ds.io.weights import read_weights
 from msn_ds.run_folder import LOCK_NAME, RunFolderError, RunLock
 from test_checkpoint import args
 

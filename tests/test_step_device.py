@@ -16,9 +16,9 @@ from helpers import ROOT, cpu_env
 from msn_ds import distributed as D
 from msn_ds.config import load_config
 from msn_ds.ema import PlainEMA
-from msn_ds.engine import (HostFlags, MSNTrainer, build_criterion, build_models, build_schedules,
-                           configure_precision, param_groups)
+from msn_ds.engine import build_models, configure_precision, param_groups
 from msn_ds.monitor import Monitor
+from msn_ds.trainer import HostFlags, MSNTrainer, build_criterion, build_schedules, step_options
 
 META = torch.device("meta")
 
@@ -80,7 +80,7 @@ def meta_trainer(cfg):
         model, target = build_models(cfg)
     engine = MetaEngine(model)
     return MSNTrainer(engine, target, PlainEMA(target, model.encoder), build_criterion(cfg),
-                      build_schedules(cfg, steps_per_epoch=10), cfg)
+                      build_schedules(cfg, steps_per_epoch=10), **step_options(cfg))
 
 
 def test_step_outputs_live_on_the_step_device(tmp_path):
@@ -111,7 +111,7 @@ def test_nonfinite_step_is_skipped_on_the_device():
     engine.device = torch.device("cpu")
     engine.optimizer = engine.basic_optimizer = torch.optim.AdamW(param_groups(model), fused=True)
     trainer = MSNTrainer(engine, target, PlainEMA(target, model.encoder), build_criterion(cfg),
-                         build_schedules(cfg, steps_per_epoch=10), cfg)
+                         build_schedules(cfg, steps_per_epoch=10), **step_options(cfg))
     trainer.step(views(cfg), 0)
     before = [p.detach().clone() for p in list(model.parameters()) + list(target.parameters())]
     real = trainer.criterion.forward
@@ -150,7 +150,7 @@ def test_spy_counts_no_host_sync_outside_logging_steps(tmp_path):
     for ds, counts in res.items():
         assert counts["step_calls"] == {}, (ds, counts)  # 5 steps, 1 of them a logging step
         # poll reads host copies only (pinned memory on CUDA, after the copy's event)
-        assert [k.split(":")[0] for k in counts["poll_calls"]] == ["numpy at engine.py"], counts
+        assert [k.split(":")[0] for k in counts["poll_calls"]] == ["numpy at trainer.py"], counts
         assert counts["monitor_log_calls"], (ds, counts)  # the spy sees a real read
 
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from msn_ds.checkpoint import load_encoder
 from msn_ds.config import load_config
 from msn_ds.flops import StepShape
+from msn_ds.io.weights import load_encoder
 from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

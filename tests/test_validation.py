@@ -9,7 +9,7 @@ import pytest
 
 from helpers import ROOT, run_cli
 from msn_ds.config import ConfigError, load_config
-from msn_ds.engine import read_ds_config, resolve_ds_config
+from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")  # vit_pico_4, 32-px random views
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msn_ds.config import load_config
-from msn_ds.engine import read_ds_config, resolve_ds_config
+from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.flops import StepShape, vit_forward_flops
 from msn_ds.models import MSNEncoder
 

@@ -13,14 +13,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from msn_ds import engine  # noqa: E402
+from msn_ds import trainer  # noqa: E402
 
 
 def main():
     rank, step, marker, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first and int(os.environ.get("RANK", "0")) == rank:
-        real_step = engine.MSNTrainer.step
+        real_step = trainer.MSNTrainer.step
 
         def pause(self, views, s, **kw):
             if s == step:
@@ -30,7 +30,7 @@ def main():
                 time.sleep(600)
             return real_step(self, views, s, **kw)
 
-        engine.MSNTrainer.step = pause
+        trainer.MSNTrainer.step = pause
     sys.exit(train.main(argv))
 
 

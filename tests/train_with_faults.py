@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from msn_ds import engine  # noqa: E402
+from msn_ds import trainer  # noqa: E402
 
 
 def main():
@@ -35,14 +35,14 @@ def main():
 
         torch.save = dying_save
     elif fault == "sigterm-at":
-        real_step = engine.MSNTrainer.step
+        real_step = trainer.MSNTrainer.step
 
         def step_then_signal(self, views, s, **kw):
             if s == step:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real_step(self, views, s, **kw)
 
-        engine.MSNTrainer.step = step_then_signal
+        trainer.MSNTrainer.step = step_then_signal
     elif fault == "nan-from":
         from msn_ds.loss import MSNLoss
 

@@ -43,10 +43,7 @@ def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, wor
                           loader: Optional[str] = None):
     """``(dataset, sampler, loader)`` from the ``data`` config section. ``device_id``: the
     GPU DALI decodes on (None: DALI on the CPU; ignored by the torch loader)."""
-    transform = MultiCropTransform(
-        rand_size=data["rand_size"], focal_size=data["focal_size"], rand_views=data["rand_views"],
-        focal_views=data["focal_views"], color_jitter=data["color_jitter_strength"],
-        rand_scale=data["rand_scale"], focal_scale=data["focal_scale"])
+    transform = MultiCropTransform.from_config(data)
     dataset = MultiViewImageFolder(root, transform, seed=seed)
     sampler = GlobalBatchSampler(len(dataset), batch_size, world_size, rank, seed=seed)
     kind = resolve_loader(loader or data.get("loader", "auto"))

@@ -239,6 +239,15 @@ class MultiCropTransform:
         self.num_focal = focal_views
         self._fast: Optional[tuple] = None
 
+    @classmethod
+    def from_config(cls, data: dict) -> "MultiCropTransform":
+        """The views the ``data`` config section asks for (one mapping of keys to arguments
+        for the training loader and the view preview alike)."""
+        return cls(rand_size=data["rand_size"], focal_size=data["focal_size"],
+                   rand_views=data["rand_views"], focal_views=data["focal_views"],
+                   color_jitter=data["color_jitter_strength"], rand_scale=data["rand_scale"],
+                   focal_scale=data["focal_scale"])
+
     @property
     def num_views(self) -> int:
         return self.num_rand + self.num_focal

@@ -5,7 +5,7 @@ A ``.pt`` file is a pickle, and a pickle unpickled in full can call any function
 checkpoint file is read with torch's weights-only unpickler: ours directly (:func:`safe_load`),
 DeepSpeed's reads on our behalf (its checkpoint engine in ``engine.load_checkpoint``,
 ``zero_to_fp32``) under :func:`restricted_loads`, and the conversion to the universal format
-in a subprocess (``python -m msn_ds.to_universal``) that installs the same restriction first.
+in a subprocess (``python -m msn_ds.io.to_universal``) that installs the same restriction first.
 
 The unpickler accepts tensors, containers and torch's own types, plus the few DeepSpeed types
 that genuine checkpoints hold (:func:`allowed_globals`: listed from the pickles of ZeRO-0..3

@@ -14,16 +14,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 import torch
 
-from .checkpoint import (ANCHOR_HEAD_PREFIX, ANCHOR_PREFIX, HEAD_PREFIX, TARGET_PREFIX,
-                         encoder_metadata, read_weights)
-from .models import MSNEncoder, resolve_arch
-from .models.vit import VIT_SIZES
+from .atomic import atomic_write
+from .weights import (ANCHOR_PREFIX, ANCHOR_HEAD_PREFIX, encoder_from_weights, encoder_metadata,
+                      read_weights)
+from ..models import MSNEncoder, resolve_arch
+from ..models.vit import VIT_SIZES
 
 DDP_PREFIX = "module."
 HEAD_KEY = "fc."
@@ -234,45 +234,21 @@ def to_reference_state(encoder: MSNEncoder) -> "OrderedDict[str, torch.Tensor]":
 
 def export_reference(path: str, target: MSNEncoder, prototypes: Optional[torch.Tensor],
                      anchor: Optional[MSNEncoder] = None, epoch: int = 0) -> None:
-    """Write a ``.pth.tar`` the reference (and ``load_reference``) reads; atomic rename."""
+    """Write a ``.pth.tar`` the reference (and ``load_reference``) reads (:func:`atomic_write`)."""
     ckpt: dict[str, Any] = {"target_encoder": to_reference_state(target)}
     if prototypes is not None:
         ckpt["prototypes"] = prototypes.detach().cpu()
     if anchor is not None:
         ckpt["encoder"] = to_reference_state(anchor)
     ckpt["epoch"] = int(epoch)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def read_ours(path: str):
     """``(target, prototypes or None, anchor or None, meta)`` from our weights file."""
     tensors, meta = read_weights(path)
-    kw = dict(img_size=int(meta.get("img_size", 224)), hidden_dim=int(meta["hidden_dim"]),
-              output_dim=int(meta["output_dim"]), use_bn=meta.get("use_bn", "true") == "true")
-
-    def part(prefix: str) -> dict:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    def build(enc_prefix: str, head_prefix: str) -> MSNEncoder:
-        with torch.device("meta"):  # see _build
-            enc = MSNEncoder(meta["arch"], **kw)
-        try:
-            enc.backbone.load_state_dict(part(enc_prefix), strict=True, assign=True)
-            enc.head.load_state_dict(part(head_prefix), strict=True, assign=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: {enc_prefix}* does not match arch {meta['arch']}: "
-                             f"{_first_line(e, 400)}") from None
-        return enc.eval()
-
-    target = build(TARGET_PREFIX, HEAD_PREFIX)
-    anchor = build(ANCHOR_PREFIX, ANCHOR_HEAD_PREFIX) if part(ANCHOR_PREFIX) else None
+    target = encoder_from_weights(path, tensors, meta, assign=True)  # see _build
+    anchor = (encoder_from_weights(path, tensors, meta, ANCHOR_PREFIX, ANCHOR_HEAD_PREFIX,
+                                   assign=True)
+              if any(k.startswith(ANCHOR_PREFIX) for k in tensors) else None)
     return target, tensors.get("prototypes"), anchor, dict(meta)
