@@ -22,9 +22,9 @@ import torch.nn as nn
 
 from . import distributed as D
 from .config import ConfigError
-from .data.sampler import seed_for
 from .ema import PartitionedEMA, PlainEMA, ShardedEMA, make_target
 from .loss import MSNLoss
+from .masking import mask_generator
 from .models import MSNEncoder, MSNModel
 from .schedules import Schedules
 
@@ -276,12 +276,6 @@ def deepspeed_keys() -> frozenset[str]:
                         and isinstance(n.value, str) and n.value.isidentifier()
                         and n.value.islower())
     return frozenset(seen)
-
-
-def mask_generator(seed: int, step: int) -> torch.Generator:
-    """The token-drop permutation is a function of (seed, step): identical on every process,
-    on every device type and after a resume (drawn on the CPU; see ``models.vit.keep_indices``)."""
-    return torch.Generator().manual_seed(seed_for(seed, step, 0x6D61736B))
 
 
 @dataclass

@@ -61,7 +61,7 @@ def test_dropped_tokens_are_the_unmasked_subset():
     enc = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).eval()
     x = torch.randn(2, 3, 32, 32)
     g = torch.Generator().manual_seed(1)
-    from msn_ds.models import keep_indices
+    from msn_ds.masking import keep_indices
     idx = keep_indices(64, 0.25, 2, False, torch.Generator().manual_seed(1), x.device) + 1
     masked = enc.tokens(x, mask_ratio=0.25, generator=g)
     vit = enc.backbone

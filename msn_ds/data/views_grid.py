@@ -4,11 +4,10 @@ check the augmentation by eye (TensorBoard ``data/views`` at run start, or
 
 One row per image: target, random anchor(s), focal anchors, de-normalised. The patches the
 first training step drops from the random anchor views are greyed out: the mask is drawn
-with the trainer's own generator (``engine.mask_generator(seed, step)``) and
-``models.vit.keep_indices``, so it is the mask of that step, not a look-alike. The images
-are the first of epoch 0 in the global order (the sampler's order does not depend on the
-batch size), taken through a separate small loader of the configured kind, so the training
-loader is not touched.
+by :mod:`msn_ds.masking` from the same numbers as the trainer's, so it is the mask of that
+step, not a look-alike. The images are the first of epoch 0 in the global order (the
+sampler's order does not depend on the batch size), taken through a separate small loader
+of the configured kind, so the training loader is not touched.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..masking import keep_indices, mask_generator
 from .dataset import collate_views
 from .sampler import GlobalBatchSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -42,9 +42,6 @@ def anchor_masks(views: Sequence[torch.Tensor], num_rand: int, patch_size: int, 
                  batch_size: int, per_sample: bool, seed: int, step: int = 0) -> list[torch.Tensor]:
     """Boolean ``(n, gh, gw)`` masks (True: dropped) for each random anchor view, as the
     trainer drops tokens at ``step`` for a batch of ``batch_size`` per process."""
-    from ..engine import mask_generator  # late: keeps this module light
-    from ..models.vit import keep_indices
-
     anchors = views[1:num_rand]
     n, size = anchors[0].shape[0], anchors[0].shape[-1]
     g = size // patch_size

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from ..masking import keep_indices
 from .head import ProjectionHead
 
 
@@ -112,28 +113,6 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
     patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
     patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([cls_pos, patch_pos], dim=1)
-
-
-def keep_indices(num_patches: int, mask_ratio: float, batch: int, per_sample: bool,
-                 generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Indices of the patch tokens to keep: ``floor(N * (1 - r))`` of them, sorted.
-
-    One permutation shared by the batch (shape ``[keep]``), as in the reference, or one per
-    sample (shape ``[B, keep]``). Drawn on the CPU so that a seeded generator gives the same
-    mask on every device; sent to a GPU from pinned memory without blocking the host (the
-    caching host allocator keeps the buffer alive until the copy is done).
-    """
-    keep = int(math.floor(num_patches * (1.0 - mask_ratio)))
-    if keep < 1:
-        raise ValueError(f"mask ratio {mask_ratio} keeps no patch of {num_patches}")
-    if per_sample:
-        noise = torch.rand(batch, num_patches, generator=generator)
-        idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
-    else:
-        idx = torch.randperm(num_patches, generator=generator)[:keep].sort().values
-    if torch.device(device).type == "cuda":
-        return idx.pin_memory().to(device, non_blocking=True)
-    return idx.to(device)
 
 
 class MSNEncoder(nn.Module):
