@@ -21,12 +21,12 @@ from msn_ds.checkpoint import (CheckpointError, SaveError, consolidate,
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
-from msn_ds.data.views_grid import log_views
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
                            check_init_weights, configure_precision, init_deepspeed, init_target,
                            read_ds_config, resolve_ds_config)
-from msn_ds.flops import StepShape, peak_flops
-from msn_ds.monitor import Monitor, setup_logging
+from msn_ds.monitor.flops import StepShape, peak_flops
+from msn_ds.monitor.progress import Monitor, setup_logging
+from msn_ds.monitor.views_grid import log_views
 from msn_ds.run_folder import RunFolderError, claim_everywhere, folder_problem
 
 log = logging.getLogger("msn_ds")

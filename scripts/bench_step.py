@@ -5,7 +5,7 @@ target encoder and its EMA, the loss, the optimiser and clipping (MSNTrainer.ste
 are random tensors made once on the device, so the loader is out of the measurement (see
 scripts/bench_data.py for it). After ``--warmup`` steps, ``--steps`` steps are timed with
 CUDA events (wall clock on the CPU). MFU = achieved model FLOPs / the card's bf16 peak, with
-the FLOPs per image of msn_ds/flops.py over the step's actual token counts.
+the FLOPs per image of msn_ds/monitor/flops.py over the step's actual token counts.
 
     python scripts/bench_step.py --models vit_small_16 vit_base_16 --batch-sizes 64 256 \\
         --deepspeed_config ds_configs/zero1_bf16.json
@@ -56,8 +56,8 @@ from msn_ds.config import ConfigError, load_config  # noqa: E402
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,  # noqa: E402
                            configure_precision, init_deepspeed, init_target, read_ds_config,
                            resolve_ds_config)
-from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
-from msn_ds.monitor import peak_memory_gib  # noqa: E402
+from msn_ds.monitor.flops import StepShape, mfu, peak_flops  # noqa: E402
+from msn_ds.monitor.progress import peak_memory_gib  # noqa: E402
 
 OOM_EXIT = 3  # a trial child's exit code when it ran out of device memory
 OOM_ERROR = "out of memory"

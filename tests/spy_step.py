@@ -18,7 +18,7 @@ from msn_ds import distributed as D
 from msn_ds.config import load_config
 from msn_ds.engine import (MSNTrainer, build_criterion, build_models, build_schedules,
                            init_deepspeed, init_target, resolve_ds_config)
-from msn_ds.monitor import Monitor
+from msn_ds.monitor.progress import Monitor
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "msn_ds")
 SPIED = ["item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"]

@@ -6,8 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from msn_ds.config import load_config
 from msn_ds.engine import build_criterion, build_models
-from msn_ds.flops import StepShape, head_forward_flops, mfu, vit_forward_flops
 from msn_ds.models.vit import resolve_arch
+from msn_ds.monitor.flops import StepShape, head_forward_flops, mfu, vit_forward_flops
 
 
 def counted_step_flops(cfg: dict, batch: int) -> int:

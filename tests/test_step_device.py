@@ -18,7 +18,7 @@ from msn_ds.config import load_config
 from msn_ds.ema import PlainEMA
 from msn_ds.engine import (HostFlags, MSNTrainer, build_criterion, build_models, build_schedules,
                            configure_precision, param_groups)
-from msn_ds.monitor import Monitor
+from msn_ds.monitor.progress import Monitor
 
 META = torch.device("meta")
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed as D
+from .. import distributed as D
 from .flops import mfu
 
 log = logging.getLogger("msn_ds")

@@ -16,10 +16,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..data.dataset import collate_views
+from ..data.sampler import GlobalBatchSampler
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..masking import keep_indices, mask_generator
-from .dataset import collate_views
-from .sampler import GlobalBatchSampler
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def preview_batch(dataset, kind: str, num_samples: int, device_id: Optional[int] = None,
@@ -28,7 +28,7 @@ def preview_batch(dataset, kind: str, num_samples: int, device_id: Optional[int]
     sampler = GlobalBatchSampler(len(dataset), num_samples, seed=dataset.seed)
     sampler.set_epoch(epoch)
     if kind == "dali":
-        from .dali import DaliMultiCropLoader
+        from ..data.dali import DaliMultiCropLoader
 
         views, _, _ = next(iter(DaliMultiCropLoader(dataset, sampler, num_threads=1,
                                                     device_id=device_id, host_workers=0)))
@@ -102,7 +102,7 @@ def log_views(cfg: dict, dataset, loader, num_samples: int = 4) -> None:
     import logging
     import os
 
-    from .dali import DaliMultiCropLoader
+    from ..data.dali import DaliMultiCropLoader
 
     kind = "dali" if isinstance(loader, DaliMultiCropLoader) else "torch"
     try:
