@@ -376,6 +376,7 @@ class MSNTrainer:
         self.criterion = criterion
         self.schedules = schedules
         self.mask_ratio = cfg["data"]["patch_drop"]
+        self.masked_views = cfg["data"]["rand_views"]
         self.per_sample_mask = cfg["criterion"]["per_sample_mask"]
         self.seed = cfg["meta"]["seed"]
         self.nonfinite_patience = cfg["meta"]["nonfinite_patience"]
@@ -412,6 +413,7 @@ class MSNTrainer:
         with torch.no_grad():
             target_z = self.target(views[0].to(self.target_dtype))
         anchor_z, prototypes = self.engine([v.to(self.dtype) for v in views[1:]],
+                                           masked_views=self.masked_views,
                                            mask_ratio=self.mask_ratio,
                                            per_sample_mask=self.per_sample_mask,
                                            generator=mask_generator(self.seed, step))

@@ -24,7 +24,8 @@ def counted_step_flops(cfg: dict, batch: int) -> int:
         with torch.no_grad():
             target_z = target(views[0])
             target_logits = target_z @ model.prototypes.weight.T  # what the loss adds
-        anchor_z, protos = model(views[1:], mask_ratio=d["patch_drop"])
+        anchor_z, protos = model(views[1:], masked_views=d["rand_views"],
+                                 mask_ratio=d["patch_drop"])
         loss, _ = crit(anchor_z, target_z, protos)
         loss.backward()
     # the loss's target logits run under no_grad inside the criterion as well

@@ -47,7 +47,7 @@ def anchor_masks(views: Sequence[torch.Tensor], num_rand: int, patch_size: int, 
     g = size // patch_size
     if mask_ratio <= 0 or g == 0:
         return [torch.zeros(n, g, g, dtype=torch.bool) for _ in anchors]
-    rows = batch_size * len(anchors)  # the first group: all anchor views, view-major
+    rows = batch_size * len(anchors)  # the masked group: all anchor views, view-major
     idx = keep_indices(g * g, mask_ratio, rows, per_sample, mask_generator(seed, step), "cpu")
     masks = []
     for a in range(len(anchors)):
