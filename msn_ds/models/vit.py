@@ -149,18 +149,21 @@ class MSNEncoder(nn.Module):
 
     def tokens(self, x: torch.Tensor, mask_ratio: float = 0.0, per_sample_mask: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Patch + position embedding, token drop, blocks and final norm: ``[B, 1+N', D]``."""
+        """timm's ``forward_features`` with the token drop in ``patch_drop``'s place:
+        ``[B, 1+N', D]``. Each of timm's steps not called as is says why in a comment;
+        tests/test_models.py checks the unmasked result against timm's own forward."""
         vit = self.backbone
-        x = vit.patch_embed.proj(x)  # strided conv: floors a crop the patch does not divide
+        # not vit.patch_embed(x): it asserts the model's image size; the conv alone floors a crop
+        x = vit.patch_embed.proj(x)
         grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        x = vit.patch_embed.norm(x)
+        x = vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        # not vit._pos_embed(x): it does not resample, or anti-aliases; this is the reference's
         cls = vit.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + resample_pos_embed(vit.pos_embed, grid)
-        x = vit.pos_drop(x)
-        if mask_ratio > 0:
+        x = vit.pos_drop(torch.cat([cls, x], dim=1) + resample_pos_embed(vit.pos_embed, grid))
+        if mask_ratio > 0:  # not vit.patch_drop: it draws from the global RNG, in training only
             x = drop_tokens(x, mask_ratio, per_sample_mask, generator)
         x = vit.norm_pre(x)
+        # not checkpoint_seq(every=k): it recomputes all blocks in k-runs; here every k-th only
         for i, block in enumerate(vit.blocks):
             if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
