@@ -18,14 +18,14 @@ from msn_ds import distributed as D
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import build_pretrain_loader
-from msn_ds.data.views_grid import log_views
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.engine import check_init_weights, configure_precision
-from msn_ds.flops import StepShape, peak_flops
 from msn_ds.io.atomic import SaveError
 from msn_ds.io.checkpoint import consolidate, load_training_checkpoint, save_training_checkpoint
 from msn_ds.io.safe_load import CheckpointError
-from msn_ds.monitor import Monitor, setup_logging
+from msn_ds.monitor.flops import StepShape, peak_flops
+from msn_ds.monitor.progress import Monitor, setup_logging
+from msn_ds.monitor.views_grid import log_views
 from msn_ds.run_folder import RunFolderError, claim_everywhere, folder_problem
 from msn_ds.trainer import build
 

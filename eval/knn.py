@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
+from msn_ds.monitor.table import Column, format_table
 
 from .features import FeatureCache, train_val_features
 from .logistic import pixel_transform
@@ -116,12 +117,12 @@ def run_knn(encoder: Optional[MSNEncoder], root: str, k: int = 20, temperature: 
             "num_train": int(len(train_y)), "num_test": int(len(test_y)), **acc}
 
 
-def format_table(result: dict, title: str = "") -> str:
+def format_result(result: dict, title: str = "") -> str:
     head = (f"{title + ': ' if title else ''}{result['representation']} features "
             f"(D={result['feature_dim']}), k={result['k_used']}, T={result['temperature']:g}, "
             f"{result['num_train']} train / {result['num_test']} test images")
-    return "\n".join([head, f"{'top1':>8}{'top5':>8}",
-                      f"{result['top1']:>8.2f}{result['top5']:>8.2f}"])
+    return format_table([Column("top1", 8, ".2f"), Column("top5", 8, ".2f")],
+                        [(result["top1"], result["top5"])], title=head)
 
 
 def parse_args(argv=None):
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.update(source)
-    print(format_table(result, source["source"]))
+    print(format_result(result, source["source"]))
     if args.json:
         write_json(args.json, result)
     if args.run_dir:

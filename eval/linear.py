@@ -51,6 +51,7 @@ from torchvision.transforms import v2
 
 from msn_ds.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from msn_ds.io.atomic import atomic_write
+from msn_ds.monitor.table import Column, format_table
 
 from .features import FeatureCache, dataset_features, encoder_fingerprint
 from .knn import load_datasets, topk_accuracy
@@ -320,15 +321,15 @@ def check_counts(**counts: Optional[int]) -> Optional[str]:
     return None
 
 
-def format_table(result: dict, title: str = "") -> str:
+def format_result(result: dict, title: str = "") -> str:
     head = (f"{title + ': ' if title else ''}{result['representation']} features "
             f"(D={result['feature_dim']}), linear, {result['epochs_trained']}/{result['epochs']} "
             f"epochs, batch {result['batch_size']}, lr {result['lr']:.4g}, "
             f"{result['num_train']} train / {result['num_test']} test images")
     train = result["train_top1"]
-    return "\n".join([head, f"{'train top1':>11}{'top1':>8}{'top5':>8}",
-                      f"{(train if train is not None else float('nan')):>11.2f}"
-                      f"{result['top1']:>8.2f}{result['top5']:>8.2f}"])
+    columns = [Column("train top1", 11, ".2f"), Column("top1", 8, ".2f"), Column("top5", 8, ".2f")]
+    return format_table(columns, [(train if train is not None else float("nan"),
+                                   result["top1"], result["top5"])], title=head)
 
 
 def parse_args(argv=None):
@@ -391,7 +392,7 @@ def main(argv=None) -> int:
         return 2
     result.update(source)
     if rank == 0:
-        print(format_table(result, source["source"]))
+        print(format_result(result, source["source"]))
         if args.json:
             write_json(args.json, result)
         if args.run_dir:

@@ -42,6 +42,7 @@ from torchvision.transforms import v2
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.data.dataset import read_list_file
 from msn_ds.models import MSNEncoder
+from msn_ds.monitor.table import Column, format_row, format_table
 
 from .features import FeatureCache, train_val_features
 from .report import add_source_args, build_source, representation, write_json, write_scalars
@@ -248,17 +249,16 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
             "num_train_extracted": int(len(train_y)), "splits": splits, "groups": summary}
 
 
-def format_table(result: dict, title: str = "") -> str:
-    lines = [f"{title + ': ' if title else ''}{result['representation']} features "
-             f"(D={result['feature_dim']}), lambd={result['lambd']:g}/n, "
-             f"centering={result['centering']}, solver={result['solver']}, "
-             f"{result['num_test']} test images",
-             f"{'subset':<36}{'n_train':>8}{'top1':>9}"]
-    for s in result["splits"]:
-        lines.append(f"{os.path.basename(s['subset']):<36}{s['num_train']:>8}{s['top1']:>9.2f}")
-    for g, s in result["groups"].items():
-        lines.append(f"{g:<36}{s['mean']:>8.2f} +- {s['std']:.2f} ({s['splits']} splits)")
-    return "\n".join(lines)
+def format_result(result: dict, title: str = "") -> str:
+    head = (f"{title + ': ' if title else ''}{result['representation']} features "
+            f"(D={result['feature_dim']}), lambd={result['lambd']:g}/n, "
+            f"centering={result['centering']}, solver={result['solver']}, "
+            f"{result['num_test']} test images")
+    columns = [Column("subset", 36, align="<"), Column("n_train", 8), Column("top1", 9, ".2f")]
+    rows = [(os.path.basename(s["subset"]), s["num_train"], s["top1"]) for s in result["splits"]]
+    rows += [f"{format_row(columns[:1], [g])}{s['mean']:>8.2f} +- {s['std']:.2f} "
+             f"({s['splits']} splits)" for g, s in result["groups"].items()]
+    return format_table(columns, rows, title=head)
 
 
 def parse_args(argv=None):
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                                  centering=args.centering, solver=args.solver,
                                  pixel_size=args.pixel_size, cache=cache)
             result.update(source)
-            print(format_table(result, source["source"]))
+            print(format_result(result, source["source"]))
             results.append(result)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

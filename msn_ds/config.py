@@ -296,8 +296,8 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
 
 def _check_views(data: dict, patch: int, fail) -> None:
     """Crops the patch can tile, a mask that keeps a token, and focal views smaller than the
-    random ones: views are grouped by size and only the first group (the random anchor views)
-    is masked, so an equal size would silently mask the focal views too."""
+    random ones, as in the method (the encoder masks the views the trainer names, whatever
+    their size: ``MSNEncoder.forward(masked_views=...)``)."""
     for key in ("rand_size", "focal_size"):
         if data[key] < patch:
             fail(f"data.{key}", f"= {data[key]} is smaller than the patch ({patch} px)")

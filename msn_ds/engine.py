@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError
-from .data.sampler import seed_for
 from .deepspeed_config import zero_stage
 from .ema import PartitionedEMA, PlainEMA, ShardedEMA, make_target
 from .models import MSNEncoder, MSNModel
@@ -108,12 +107,6 @@ def param_groups(model: MSNModel) -> list[dict[str, Any]]:
         groups.append({"params": [model.prototypes.weight], "name": "prototypes", "weight_decay": 0.0,
                        "wd_exclude": True})
     return groups
-
-
-def mask_generator(seed: int, step: int) -> torch.Generator:
-    """The token-drop permutation is a function of (seed, step): identical on every process,
-    on every device type and after a resume (drawn on the CPU; see ``models.vit.keep_indices``)."""
-    return torch.Generator().manual_seed(seed_for(seed, step, 0x6D61736B))
 
 
 def init_target(target: nn.Module, engine, ds_config: dict):

@@ -55,6 +55,15 @@ class MSNLoss(nn.Module):
     largest target probability, this process).
     """
 
+    STATS = ("ce", "me_max", "ent", "np", "max_t")  # the keys of ``stats``, in that order
+
+    @staticmethod
+    def describe(stats: dict[str, float]) -> str:
+        """The progress line's part for ``stats`` averaged to floats (a missing one reads 0)."""
+        s = {k: stats.get(k, 0) for k in MSNLoss.STATS}
+        return (f"(ce {s['ce']:.4f} me_max {s['me_max']:.4f} ent {s['ent']:.4f}) "
+                f"np {round(s['np']):d} max_t {s['max_t']:.3f}")
+
     def __init__(self, temperature: float = 0.1, me_max_weight: float = 1.0,
                  entropy_weight: float = 0.0, use_sinkhorn: bool = True,
                  label_smoothing: float = 0.0, sinkhorn_iters: int = 3):

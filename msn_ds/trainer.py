@@ -15,9 +15,10 @@ import torch
 
 from . import distributed as D
 from .ema import ShardedEMA
-from .engine import build_models, init_deepspeed, init_target, mask_generator
+from .engine import build_models, init_deepspeed, init_target
 from .io.checkpoint import ResumePlan, plan_resume
 from .loss import MSNLoss
+from .masking import mask_generator
 from .models import MSNModel
 from .schedules import Schedules
 
@@ -56,7 +57,7 @@ def build(cfg: dict, ds_config: dict, steps_per_epoch: int,
 
 def step_options(cfg: dict) -> dict[str, Any]:
     """The config values :class:`MSNTrainer` reads."""
-    return {"mask_ratio": cfg["data"]["patch_drop"],
+    return {"masked_views": cfg["data"]["rand_views"], "mask_ratio": cfg["data"]["patch_drop"],
             "per_sample_mask": cfg["criterion"]["per_sample_mask"],
             "seed": cfg["meta"]["seed"], "nonfinite_patience": cfg["meta"]["nonfinite_patience"]}
 
@@ -137,12 +138,14 @@ class MSNTrainer:
     waits for the host anyway) read the flag before the backward instead."""
 
     def __init__(self, engine, target, ema, criterion: MSNLoss, schedules: Schedules, *,
-                 mask_ratio: float, per_sample_mask: bool, seed: int, nonfinite_patience: int):
+                 masked_views: int, mask_ratio: float, per_sample_mask: bool, seed: int,
+                 nonfinite_patience: int):
         self.engine = engine
         self.target = target
         self.ema = ema
         self.criterion = criterion
         self.schedules = schedules
+        self.masked_views = masked_views
         self.mask_ratio = mask_ratio
         self.per_sample_mask = per_sample_mask
         self.seed = seed
@@ -180,6 +183,7 @@ class MSNTrainer:
         with torch.no_grad():
             target_z = self.target(views[0].to(self.target_dtype))
         anchor_z, prototypes = self.engine([v.to(self.dtype) for v in views[1:]],
+                                           masked_views=self.masked_views,
                                            mask_ratio=self.mask_ratio,
                                            per_sample_mask=self.per_sample_mask,
                                            generator=mask_generator(self.seed, step))

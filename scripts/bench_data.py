@@ -39,7 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from msn_ds.monitor.table import Column, format_header, format_row  # noqa: E402
+
 LOADERS = ("plain", "torch", "dali")
+COLUMNS = (Column("loader", 7, align="<"), Column("device", 6, align="<"), Column("workers", 7),
+           Column("batch", 5), Column("views", 5), Column("sizes", 8), Column("first s", 7, ".2f"),
+           Column("ms/batch", 8, ".1f"), Column("images/s", 8, ".1f"), Column("skipped", 7),
+           Column("round", 5), Column("cpu ms/img", 10, ".1f"))
 
 
 def synthesize(root: str, n: int, width: int = 500, height: int = 375, classes: int = 4) -> None:
@@ -280,15 +286,14 @@ def main(argv=None) -> int:
             profile(benches[0], args.steps, args.profile)
             return 0
         n_views = 1 + data["rand_views"] + data["focal_views"]
-        print(f"{'loader':7s} {'device':6s} {'workers':>7s} {'batch':>5s} {'views':>5s} "
-              f"{'sizes':>8s} {'first s':>7s} {'ms/batch':>8s} {'images/s':>8s} {'skipped':>7s}"
-              f" {'round':>5s} {'cpu ms/img':>10s}")
+        print(format_header(COLUMNS, " "))
 
         def row(b, ms, rate, skipped, label, cpu, extra=""):
             device = args.device if b.kind == "dali" else "cpu"
-            print(f"{b.kind:7s} {device:6s} {data['num_workers']:7d} {batch:5d} {n_views:5d} "
-                  f"{data['rand_size']:>4d}/{data['focal_size']:<3d} {b.first_s:7.2f} "
-                  f"{ms:8.1f} {rate:8.1f} {skipped:7d} {label:>5s} {cpu:10.1f}{extra}", flush=True)
+            sizes = f"{data['rand_size']:>4d}/{data['focal_size']:<3d}"
+            print(format_row(COLUMNS, (b.kind, device, data["num_workers"], batch, n_views, sizes,
+                                       b.first_s, ms, rate, skipped, label, cpu), " ") + extra,
+                  flush=True)
 
         rates = {b.kind: [] for b in benches}
         cpus = {b.kind: [] for b in benches}

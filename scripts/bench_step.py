@@ -5,7 +5,7 @@ target encoder and its EMA, the loss, the optimiser and clipping (MSNTrainer.ste
 are random tensors made once on the device, so the loader is out of the measurement (see
 scripts/bench_data.py for it). After ``--warmup`` steps, ``--steps`` steps are timed with
 CUDA events (wall clock on the CPU). MFU = achieved model FLOPs / the card's bf16 peak, with
-the FLOPs per image of msn_ds/flops.py over the step's actual token counts.
+the FLOPs per image of msn_ds/monitor/flops.py over the step's actual token counts.
 
     python scripts/bench_step.py --models vit_small_16 vit_base_16 --batch-sizes 64 256 \\
         --deepspeed_config ds_configs/zero1_bf16.json
@@ -55,9 +55,10 @@ from msn_ds import distributed as D  # noqa: E402
 from msn_ds.config import ConfigError, load_config  # noqa: E402
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config, zero_stage  # noqa: E402
 from msn_ds.engine import configure_precision  # noqa: E402
-from msn_ds.flops import StepShape, mfu, peak_flops  # noqa: E402
 from msn_ds.io.atomic import atomic_write  # noqa: E402
-from msn_ds.monitor import peak_memory_gib  # noqa: E402
+from msn_ds.monitor.flops import StepShape, mfu, peak_flops  # noqa: E402
+from msn_ds.monitor.progress import peak_memory_gib  # noqa: E402
+from msn_ds.monitor.table import Column, format_row, format_table  # noqa: E402
 from msn_ds.trainer import build  # noqa: E402
 
 OOM_EXIT = 3  # a trial child's exit code when it ran out of device memory
@@ -326,19 +327,20 @@ def find_max_batch(spec_for, ds_path: str, start: int, limit: int = 4096) -> int
     return lo
 
 
-def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<14}{'batch/dev':>10}{'step ms':>10}{'img/s':>10}{'peak GiB':>10}"
-            f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
+COLUMNS = (Column("model", 14, align="<"), Column("batch/dev", 10), Column("step ms", 10, ".1f"),
+           Column("img/s", 10, ".1f"), Column("peak GiB", 10, ".2f"),
+           Column("GFLOP/img", 11, ".2f"), Column("TFLOP/s", 9, ".2f"), Column("MFU", 7))
+
+
+def format_results(rows: list[dict]) -> str:
+    def line(r):
+        key = (r["model"], r["batch_per_device"])
         if "error" in r:
-            lines.append(f"{r['model']:<14}{r['batch_per_device']:>10}  {r['error']}")
-            continue
+            return f"{format_row(COLUMNS, key)}  {r['error']}"
         m = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        lines.append(f"{r['model']:<14}{r['batch_per_device']:>10}{r['step_ms']:>10.1f}"
-                     f"{r['img_per_s']:>10.1f}{r['peak_gib']:>10.2f}{r['gflop_per_image']:>11.2f}"
-                     f"{r['tflops_per_device']:>9.2f}{m:>7}")
-    return "\n".join(lines)
+        return (*key, r["step_ms"], r["img_per_s"], r["peak_gib"], r["gflop_per_image"],
+                r["tflops_per_device"], m)
+    return format_table(COLUMNS, [line(r) for r in rows], rule=True)
 
 
 def parse_args(argv=None):
@@ -414,7 +416,7 @@ def main(argv=None) -> int:
           f"process(es), views {1 + d['rand_views']}x{d['rand_size']} + "
           f"{d['focal_views']}x{d['focal_size']}, patch drop {d['patch_drop']}, "
           f"{args.steps} timed steps after {args.warmup}")
-    print(format_table(rows))
+    print(format_results(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.logistic import run_fewshot  # noqa: E402
 from msn_ds.io.weights import load_encoder  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.monitor.table import Column, format_table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,15 +43,13 @@ def main(argv=None) -> int:
         "raw pixels": run_fewshot(None, args.root, files, **kw),
     }
     groups = sorted(next(iter(results.values()))["groups"], key=lambda g: int(g.split("imgs")[0]))
-    width = max(len(k) for k in results) + 2
-    header = "".join(f"{g.replace('imgs_class', ' img/class'):>18}" for g in groups)
-    print(f"\nFew-shot logistic regression, top-1 % on {results['raw pixels']['num_test']} "
-          f"validation images (mean +- std over splits)")
-    print(f"{'representation':<{width}}{header}")
-    for name, res in results.items():
-        cells = "".join(f"{res['groups'][g]['mean']:>11.1f} +- {res['groups'][g]['std']:<4.1f}"
-                        for g in groups)
-        print(f"{name:<{width}}{cells}")
+    columns = [Column("representation", max(len(k) for k in results) + 2, align="<")]
+    columns += [Column(g.replace("imgs_class", " img/class"), 18) for g in groups]
+    rows = [(name, *(f"{res['groups'][g]['mean']:>11.1f} +- {res['groups'][g]['std']:<4.1f}"
+                     for g in groups)) for name, res in results.items()]
+    print(format_table(columns, rows, title=f"\nFew-shot logistic regression, top-1 % on "
+                       f"{results['raw pixels']['num_test']} validation images "
+                       f"(mean +- std over splits)"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

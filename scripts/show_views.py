@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from msn_ds.config import ConfigError, load_config, train_folder
     from msn_ds.data import MultiCropTransform, MultiViewImageFolder
     from msn_ds.data.loader import resolve_loader
-    from msn_ds.data.views_grid import grid_for_config
+    from msn_ds.monitor.views_grid import grid_for_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -20,7 +20,8 @@ def main():
     b = inputs["views"][0].shape[0] // world
     views = [v[rank * b:(rank + 1) * b] for v in inputs["views"]]
     with torch.no_grad():
-        z = enc(views, mask_ratio=MASK, generator=torch.Generator().manual_seed(SEED))
+        z = enc(views, masked_views=2, mask_ratio=MASK,
+                generator=torch.Generator().manual_seed(SEED))
     torch.save(z, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.destroy_process_group()
 

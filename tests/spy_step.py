@@ -17,7 +17,7 @@ import torch
 from msn_ds import distributed as D
 from msn_ds.config import load_config
 from msn_ds.deepspeed_config import resolve_ds_config
-from msn_ds.monitor import Monitor
+from msn_ds.monitor.progress import Monitor
 from msn_ds.trainer import build
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "msn_ds")

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import bench_step  # noqa: E402
 from msn_ds.config import load_config  # noqa: E402
-from msn_ds.flops import StepShape  # noqa: E402
+from msn_ds.monitor.flops import StepShape  # noqa: E402
 
 CPU_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
 TINY = ["data.rand_size=32", "data.focal_size=16", "data.focal_views=2", "meta.hidden_dim=64",

@@ -342,9 +342,8 @@ def test_check_dataset_script(tmp_path):
 
 
 def test_views_grid_greys_the_dropped_patches(folder):
-    from msn_ds.data.views_grid import anchor_masks, preview_batch, views_grid
-    from msn_ds.engine import mask_generator
-    from msn_ds.models.vit import keep_indices
+    from msn_ds.monitor.views_grid import anchor_masks, preview_batch, views_grid
+    from msn_ds.masking import keep_indices, mask_generator
 
     ds = MultiViewImageFolder(folder, MultiCropTransform(32, 16, 1, 2), seed=0)
     views = preview_batch(ds, "torch", 3)

@@ -7,8 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from msn_ds.config import load_config
 from msn_ds.engine import build_models
 from msn_ds.trainer import build_criterion
-from msn_ds.flops import StepShape, head_forward_flops, mfu, vit_forward_flops
 from msn_ds.models.vit import resolve_arch
+from msn_ds.monitor.flops import StepShape, head_forward_flops, mfu, vit_forward_flops
 
 
 def counted_step_flops(cfg: dict, batch: int) -> int:
@@ -25,7 +25,8 @@ def counted_step_flops(cfg: dict, batch: int) -> int:
         with torch.no_grad():
             target_z = target(views[0])
             target_logits = target_z @ model.prototypes.weight.T  # what the loss adds
-        anchor_z, protos = model(views[1:], mask_ratio=d["patch_drop"])
+        anchor_z, protos = model(views[1:], masked_views=d["rand_views"],
+                                 mask_ratio=d["patch_drop"])
         loss, _ = crit(anchor_z, target_z, protos)
         loss.backward()
     # the loss's target logits run under no_grad inside the criterion as well

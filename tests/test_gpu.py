@@ -259,7 +259,7 @@ def test_attention_is_flash_in_bf16(monkeypatch):
     views = [torch.randn(16, 3, s, s, device="cuda", dtype=torch.bfloat16, generator=g)
              for s in (224, 96, 96)]
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        z = enc(views, mask_ratio=0.15)
+        z = enc(views, masked_views=1, mask_ratio=0.15)
         z.float().square().mean().backward()
     assert len(calls) == 2 * len(blocks)  # two view groups: 224 px (masked), 96 px
     assert calls[0][2] == 1 + int(196 * 0.85) and calls[-1][2] == 1 + 36, calls

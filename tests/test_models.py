@@ -20,7 +20,7 @@ def test_every_encoder_shape_on_meta(arch):
     with torch.device("meta"):
         enc = MSNEncoder(arch, img_size=224, hidden_dim=2048, output_dim=256)
         views = [torch.empty(2, 3, 224, 224), torch.empty(2, 3, 96, 96), torch.empty(2, 3, 96, 96)]
-        h, z = enc(views, mask_ratio=0.3, return_before_head=True)
+        h, z = enc(views, masked_views=1, mask_ratio=0.3, return_before_head=True)
     assert h.shape == (6, spec.embed_dim) and z.shape == (6, 256)
     assert spec.embed_dim == EMBED[spec.name.split("_")[1]]
     assert enc.backbone.blocks[0].attn.qkv.bias is not None
@@ -61,7 +61,7 @@ def test_dropped_tokens_are_the_unmasked_subset():
     enc = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).eval()
     x = torch.randn(2, 3, 32, 32)
     g = torch.Generator().manual_seed(1)
-    from msn_ds.models import keep_indices
+    from msn_ds.masking import keep_indices
     idx = keep_indices(64, 0.25, 2, False, torch.Generator().manual_seed(1), x.device) + 1
     masked = enc.tokens(x, mask_ratio=0.25, generator=g)
     vit = enc.backbone
@@ -78,10 +78,36 @@ def test_views_grouped_by_size_view_major():
     z = enc(views)
     each = torch.cat([enc(v) for v in views])
     torch.testing.assert_close(z, each, atol=1e-5, rtol=1e-5)
-    # consecutive equal sizes run as one batch: masking applies to the first group only
-    z_masked = enc(views, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    # consecutive equal sizes run as one batch: masking applies to the masked views only
+    z_masked = enc(views, masked_views=2, mask_ratio=0.5,
+                   generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(z_masked[6:], each[6:], atol=1e-5, rtol=1e-5)
     assert (z_masked[:6] - each[:6]).abs().max() > 0.05 * each[:6].abs().max()
+
+
+def test_only_the_named_views_are_masked_when_focal_size_equals_rand_size():
+    """rand_size == focal_size: the focal views are not masked along with the random anchor
+    views; they run whole, as a group of their own (BatchNorm statistics of their own)."""
+    enc = MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).eval()
+    views = [torch.randn(3, 3, 32, 32) for _ in range(4)]  # 1 random anchor view, 3 focal
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        calls.append((q.shape[0], q.shape[-2]))
+        return real(q, *a, **kw)
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        z = enc(views, masked_views=1, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    assert calls == [(3, 1 + 32)] * 4 + [(9, 1 + 64)] * 4  # 64 patches: half dropped, whole
+    torch.testing.assert_close(z[3:], enc(views[1:]), atol=1e-5, rtol=1e-5)
+    alone = enc(views[:1], masked_views=1, mask_ratio=0.5,
+                generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z[:3], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="masked_views"):
+        enc(views, mask_ratio=0.5)
 
 
 def test_pos_embed_resampling_matches_reference_formula():
@@ -131,7 +157,7 @@ def test_activation_checkpointing_gives_the_same_gradients(every):
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
     grads = []
     for enc in (plain, ckpt):
-        z = enc(views, mask_ratio=0.3, generator=torch.Generator().manual_seed(0))
+        z = enc(views, masked_views=1, mask_ratio=0.3, generator=torch.Generator().manual_seed(0))
         z.square().sum().backward()
         grads.append([p.grad.clone() for p in enc.parameters()])
     for a, b in zip(*grads):
@@ -145,7 +171,8 @@ def _loss_and_grads(cfg, views):
     model, target = build_models(cfg)
     with torch.no_grad():
         t = target(views[0])
-    z, protos = model(views[1:], mask_ratio=cfg["data"]["patch_drop"],
+    z, protos = model(views[1:], masked_views=cfg["data"]["rand_views"],
+                      mask_ratio=cfg["data"]["patch_drop"],
                       generator=torch.Generator().manual_seed(0))
     loss, _ = build_criterion(cfg)(z, t, protos)
     loss.backward()
@@ -195,7 +222,7 @@ def test_attention_runs_through_sdpa():
         return real(q, *a, **kw)
     torch.nn.functional.scaled_dot_product_attention = spy
     try:
-        enc([torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)], mask_ratio=0.5)
+        enc([torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)], masked_views=1, mask_ratio=0.5)
     finally:
         torch.nn.functional.scaled_dot_product_attention = real
     assert calls == [1 + 32] * 4 + [1 + 16] * 4  # 64 patches half dropped; 16 patches whole

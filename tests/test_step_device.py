@@ -17,7 +17,7 @@ from msn_ds import distributed as D
 from msn_ds.config import load_config
 from msn_ds.ema import PlainEMA
 from msn_ds.engine import build_models, configure_precision, param_groups
-from msn_ds.monitor import Monitor
+from msn_ds.monitor.progress import Monitor
 from msn_ds.trainer import HostFlags, MSNTrainer, build_criterion, build_schedules, step_options
 
 META = torch.device("meta")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from msn_ds.config import load_config
-from msn_ds.flops import StepShape
 from msn_ds.io.weights import load_encoder
+from msn_ds.monitor.flops import StepShape
 from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def train(args, nproc=1, timeout=600, launcher="torchrun"):
     return r
 
 
-# vit_pico_4 with the demo's views (2 x 32 px, 4 x 16 px), K=256: msn_ds.flops formula
+# vit_pico_4 with the demo's views (2 x 32 px, 4 x 16 px), K=256: msn_ds.monitor.flops formula
 FLOPS_PER_IMAGE = StepShape.from_config(load_config(os.path.join(ROOT, "configs/demo_cpu.yaml"),
                                                     check_paths=False)).flops_per_image()
 

@@ -10,8 +10,8 @@ import torch
 
 from msn_ds.config import load_config
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
-from msn_ds.flops import StepShape, vit_forward_flops
 from msn_ds.models import MSNEncoder
+from msn_ds.monitor.flops import StepShape, vit_forward_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 1024  # the paper's, for every model

@@ -59,9 +59,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..seeding import seed_for
 from .probe import BAD, RAW, TRANSCODE, decode_rgb, probe, read_regular, to_ppm
 from .replay import ViewParams, replay
-from .sampler import GlobalBatchSampler, seed_for
+from .sampler import GlobalBatchSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform
 
 log = logging.getLogger(__name__)

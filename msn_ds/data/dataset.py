@@ -20,7 +20,7 @@ from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .sampler import seed_for
+from ..seeding import seed_for
 
 log = logging.getLogger(__name__)
 

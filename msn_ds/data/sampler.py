@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from ..seeding import seed_for
 
 
 class GlobalBatchSampler(Sampler):
@@ -51,8 +52,3 @@ class GlobalBatchSampler(Sampler):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
-
-def seed_for(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))

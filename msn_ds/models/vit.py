@@ -5,12 +5,14 @@ unchanged. What MSN needs on top of it lives here:
 
 * views of equal size are batched together (consecutive groups, as in the reference), and
   the projection head runs once per group, so the masked views and the focal views each
-  get BatchNorm statistics of their own (the reference's ``forward``);
+  get BatchNorm statistics of their own (the reference's ``forward``); the caller names the
+  masked views (``masked_views``), and a group never spans masked and whole views, so focal
+  views of the random views' size stay whole;
 * the position embedding is resampled bicubically for other grid sizes, exactly as the
   reference does (no anti-aliasing, unlike timm's ``resample_abs_pos_embed``);
 * a crop that the patch does not divide is floored (96 px at patch 7 gives 13x13 patches),
   because the patch projection is a strided convolution without padding;
-* tokens of the first group are dropped after the position embedding and before the
+* tokens of the masked views are dropped after the position embedding and before the
   blocks, so compute falls with the mask ratio.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from ..masking import keep_indices
 from .head import ProjectionHead
 
 
@@ -114,34 +117,14 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
-def keep_indices(num_patches: int, mask_ratio: float, batch: int, per_sample: bool,
-                 generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Indices of the patch tokens to keep: ``floor(N * (1 - r))`` of them, sorted.
-
-    One permutation shared by the batch (shape ``[keep]``), as in the reference, or one per
-    sample (shape ``[B, keep]``). Drawn on the CPU so that a seeded generator gives the same
-    mask on every device; sent to a GPU from pinned memory without blocking the host (the
-    caching host allocator keeps the buffer alive until the copy is done).
-    """
-    keep = int(math.floor(num_patches * (1.0 - mask_ratio)))
-    if keep < 1:
-        raise ValueError(f"mask ratio {mask_ratio} keeps no patch of {num_patches}")
-    if per_sample:
-        noise = torch.rand(batch, num_patches, generator=generator)
-        idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
-    else:
-        idx = torch.randperm(num_patches, generator=generator)[:keep].sort().values
-    if torch.device(device).type == "cuda":
-        return idx.pin_memory().to(device, non_blocking=True)
-    return idx.to(device)
-
-
 class MSNEncoder(nn.Module):
     """ViT backbone + projection head; ``forward(views)`` returns the head outputs.
 
-    ``views`` is a list of ``[B, 3, H, W]`` tensors. Consecutive views of equal size run as
-    one batch through the backbone and the head (BatchNorm statistics per group); the
-    output rows are view-major (all images' first view, then the second...).
+    ``views`` is a list of ``[B, 3, H, W]`` tensors; the first ``masked_views`` of them (the
+    random anchor views) drop ``mask_ratio`` of their patch tokens. Consecutive views of
+    equal size and equal masking run as one batch through the backbone and the head
+    (BatchNorm statistics per group); the output rows are view-major (all images' first
+    view, then the second...).
 
     ``checkpoint_every=k`` recomputes every k-th block's activations in the backward pass
     (0: off, 1: every block). It uses ``torch.utils.checkpoint`` (non-reentrant), which works
@@ -166,18 +149,21 @@ class MSNEncoder(nn.Module):
 
     def tokens(self, x: torch.Tensor, mask_ratio: float = 0.0, per_sample_mask: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Patch + position embedding, token drop, blocks and final norm: ``[B, 1+N', D]``."""
+        """timm's ``forward_features`` with the token drop in ``patch_drop``'s place:
+        ``[B, 1+N', D]``. Each of timm's steps not called as is says why in a comment;
+        tests/test_models.py checks the unmasked result against timm's own forward."""
         vit = self.backbone
-        x = vit.patch_embed.proj(x)  # strided conv: floors a crop the patch does not divide
+        # not vit.patch_embed(x): it asserts the model's image size; the conv alone floors a crop
+        x = vit.patch_embed.proj(x)
         grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        x = vit.patch_embed.norm(x)
+        x = vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        # not vit._pos_embed(x): it does not resample, or anti-aliases; this is the reference's
         cls = vit.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + resample_pos_embed(vit.pos_embed, grid)
-        x = vit.pos_drop(x)
-        if mask_ratio > 0:
+        x = vit.pos_drop(torch.cat([cls, x], dim=1) + resample_pos_embed(vit.pos_embed, grid))
+        if mask_ratio > 0:  # not vit.patch_drop: it draws from the global RNG, in training only
             x = drop_tokens(x, mask_ratio, per_sample_mask, generator)
         x = vit.norm_pre(x)
+        # not checkpoint_seq(every=k): it recomputes all blocks in k-runs; here every k-th only
         for i, block in enumerate(vit.blocks):
             if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -189,16 +175,20 @@ class MSNEncoder(nn.Module):
         """Class token after the final LayerNorm: the representation fed to the head."""
         return self.tokens(x, **mask)[:, 0]
 
-    def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, mask_ratio: float = 0.0,
-                per_sample_mask: bool = False, generator: Optional[torch.Generator] = None,
-                return_before_head: bool = False):
+    def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, masked_views: int = 0,
+                mask_ratio: float = 0.0, per_sample_mask: bool = False,
+                generator: Optional[torch.Generator] = None, return_before_head: bool = False):
         if isinstance(views, torch.Tensor):
             views = [views]
-        feats, outs = [], []
-        for group in group_views(views):
-            h = self.forward_features(torch.cat(group), mask_ratio=mask_ratio,
+        if mask_ratio > 0 and not 0 < masked_views <= len(views):
+            raise ValueError(f"mask_ratio {mask_ratio} needs masked_views in 1..{len(views)}, "
+                             f"got {masked_views}")
+        feats, outs, start = [], [], 0
+        for group in group_views(views, split=masked_views):
+            h = self.forward_features(torch.cat(group),
+                                      mask_ratio=mask_ratio if start < masked_views else 0.0,
                                       per_sample_mask=per_sample_mask, generator=generator)
-            mask_ratio = 0.0  # only the first group (the random anchor views) is masked
+            start += len(group)
             feats.append(h)
             outs.append(self.head(h))  # per group, as the reference: BatchNorm statistics
         h, z = (torch.cat(feats), torch.cat(outs)) if len(feats) > 1 else (feats[0], outs[0])
@@ -217,11 +207,12 @@ def drop_tokens(x: torch.Tensor, mask_ratio: float, per_sample: bool,
     return torch.cat([x[:, :1], patches], dim=1)
 
 
-def group_views(views: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive runs of views with the same spatial size."""
+def group_views(views: Sequence[torch.Tensor], split: int = 0) -> list[list[torch.Tensor]]:
+    """Consecutive runs of views with the same spatial size; no run crosses index ``split``
+    (the end of the masked views)."""
     groups: list[list[torch.Tensor]] = []
-    for view in views:
-        if groups and groups[-1][0].shape[-2:] == view.shape[-2:]:
+    for i, view in enumerate(views):
+        if groups and groups[-1][0].shape[-2:] == view.shape[-2:] and i != split:
             groups[-1].append(view)
         else:
             groups.append([view])

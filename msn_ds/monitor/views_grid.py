@@ -4,11 +4,10 @@ check the augmentation by eye (TensorBoard ``data/views`` at run start, or
 
 One row per image: target, random anchor(s), focal anchors, de-normalised. The patches the
 first training step drops from the random anchor views are greyed out: the mask is drawn
-with the trainer's own generator (``engine.mask_generator(seed, step)``) and
-``models.vit.keep_indices``, so it is the mask of that step, not a look-alike. The images
-are the first of epoch 0 in the global order (the sampler's order does not depend on the
-batch size), taken through a separate small loader of the configured kind, so the training
-loader is not touched.
+by :mod:`msn_ds.masking` from the same numbers as the trainer's, so it is the mask of that
+step, not a look-alike. The images are the first of epoch 0 in the global order (the
+sampler's order does not depend on the batch size), taken through a separate small loader
+of the configured kind, so the training loader is not touched.
 """
 from __future__ import annotations
 
@@ -17,9 +16,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .dataset import collate_views
-from .sampler import GlobalBatchSampler
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.dataset import collate_views
+from ..data.sampler import GlobalBatchSampler
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..masking import keep_indices, mask_generator
 
 
 def preview_batch(dataset, kind: str, num_samples: int, device_id: Optional[int] = None,
@@ -28,7 +28,7 @@ def preview_batch(dataset, kind: str, num_samples: int, device_id: Optional[int]
     sampler = GlobalBatchSampler(len(dataset), num_samples, seed=dataset.seed)
     sampler.set_epoch(epoch)
     if kind == "dali":
-        from .dali import DaliMultiCropLoader
+        from ..data.dali import DaliMultiCropLoader
 
         views, _, _ = next(iter(DaliMultiCropLoader(dataset, sampler, num_threads=1,
                                                     device_id=device_id, host_workers=0)))
@@ -42,15 +42,12 @@ def anchor_masks(views: Sequence[torch.Tensor], num_rand: int, patch_size: int, 
                  batch_size: int, per_sample: bool, seed: int, step: int = 0) -> list[torch.Tensor]:
     """Boolean ``(n, gh, gw)`` masks (True: dropped) for each random anchor view, as the
     trainer drops tokens at ``step`` for a batch of ``batch_size`` per process."""
-    from ..engine import mask_generator  # late: keeps this module light
-    from ..models.vit import keep_indices
-
     anchors = views[1:num_rand]
     n, size = anchors[0].shape[0], anchors[0].shape[-1]
     g = size // patch_size
     if mask_ratio <= 0 or g == 0:
         return [torch.zeros(n, g, g, dtype=torch.bool) for _ in anchors]
-    rows = batch_size * len(anchors)  # the first group: all anchor views, view-major
+    rows = batch_size * len(anchors)  # the masked group: all anchor views, view-major
     idx = keep_indices(g * g, mask_ratio, rows, per_sample, mask_generator(seed, step), "cpu")
     masks = []
     for a in range(len(anchors)):
@@ -105,7 +102,7 @@ def log_views(cfg: dict, dataset, loader, num_samples: int = 4) -> None:
     import logging
     import os
 
-    from .dali import DaliMultiCropLoader
+    from ..data.dali import DaliMultiCropLoader
 
     kind = "dali" if isinstance(loader, DaliMultiCropLoader) else "torch"
     try:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .models.vit import ArchSpec, resolve_arch
+from ..models.vit import ArchSpec, resolve_arch
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 PEAK_BF16_FLOPS = (

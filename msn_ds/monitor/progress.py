@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from . import distributed as D
+from .. import distributed as D
+from ..loss import MSNLoss
 from .flops import mfu
 
 log = logging.getLogger("msn_ds")
@@ -115,12 +116,10 @@ class Monitor:
             os.makedirs(os.path.dirname(self.metrics_path), exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
-            log.info("[ep %d step %d/%d] loss %.4f (ce %.4f me_max %.4f ent %.4f) np %d max_t "
-                     "%.3f | lr %.2e wd %.3f m %.5f T %.3f%s | %.1f img/s%s data %.0f%% mem "
-                     "%.1f GiB ETA %s%s",
+            log.info("[ep %d step %d/%d] loss %.4f %s | lr %.2e wd %.3f m %.5f T %.3f%s | "
+                     "%.1f img/s%s data %.0f%% mem %.1f GiB ETA %s%s",
                      epoch + 1, step, self.total_steps, scalars.get("loss", float("nan")),
-                     scalars.get("ce", 0), scalars.get("me_max", 0), scalars.get("ent", 0),
-                     round(scalars.get("np", 0)), scalars.get("max_t", 0), hparams["lr"],
+                     MSNLoss.describe(scalars), hparams["lr"],
                      hparams["wd"], hparams["momentum"], hparams["T"],
                      f" gnorm {scalars['grad_norm']:.3f}" if "grad_norm" in scalars else "",
                      scalars["img_per_s"],
@@ -129,8 +128,7 @@ class Monitor:
                      f" | knn {self.last_eval['knn_top1']:.1f}%" if self.last_eval else "")
             if self.writer is not None:
                 for k, v in scalars.items():
-                    group = ("train" if k in ("loss", "ce", "me_max", "ent", "np", "max_t",
-                                              "grad_norm", "skipped") else
+                    group = ("train" if k in ("loss", *MSNLoss.STATS, "grad_norm", "skipped") else
                              "hparams" if k in hparams else
                              "data" if k in ("bad_images", "data_wait_frac") else "perf")
                     self.writer.add_scalar(f"{group}/{k}", v, step)
