@@ -2,24 +2,22 @@
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from eval.knn import knn_accuracy, knn_classify, run_knn, sha256_file  # noqa: E402
-from eval.linear import (CHECKPOINT, cosine_lr, epoch_batches, evaluate_linear,  # noqa: E402
-                         run_linear, scaled_lr, train_linear)
+from eval.classify import knn_accuracy, knn_classify
+from eval.knn import run_knn
+from eval.linear import (CHECKPOINT, epoch_batches, evaluate_linear, run_linear,
+                         scaled_lr, train_linear)
+from eval.report import sha256_file
 from msn_ds.checkpoint import encoder_metadata, save_weights  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.schedules import cosine
 
-from helpers import run_cli, write_folder  # noqa: E402
+from helpers import run_cli, write_folder
 
 
 def tiny_dataset(tmp_path: Path) -> Path:
@@ -129,9 +127,9 @@ def test_lr_scaling_and_cosine_schedule():
     assert scaled_lr(6.4, 16384) == pytest.approx(6.4)
     assert scaled_lr(6.4, 256) == pytest.approx(0.1)
     assert scaled_lr(6.4, 1024) == pytest.approx(0.4)
-    assert cosine_lr(0.4, 0, 100) == pytest.approx(0.4)
-    assert cosine_lr(0.4, 50, 100) == pytest.approx(0.2)
-    assert cosine_lr(0.4, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(0, 100, 0.4, 0.0) == pytest.approx(0.4)
+    assert cosine(50, 100, 0.4, 0.0) == pytest.approx(0.2)
+    assert cosine(100, 100, 0.4, 0.0) == pytest.approx(0.0, abs=1e-12)
     # the optimiser really uses it: one step of plain SGD from zero weights
     x, y = separable(n=8)
     lrs = []
@@ -148,7 +146,7 @@ def test_lr_scaling_and_cosine_schedule():
     finally:
         torch.optim.SGD = orig
     lr0 = 6.4 * 4 / 16384
-    assert lrs == pytest.approx([cosine_lr(lr0, s, 4) for s in range(4)])
+    assert lrs == pytest.approx([cosine(s, 4, lr0, 0.0) for s in range(4)])
 
 
 def test_epoch_batches_split_global_batch():

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from eval.classify import knn_accuracy
 from eval.features import extract_features
-from eval.knn import knn_accuracy
 from eval.knn_monitor import KNNMonitor
 from helpers import ROOT, cpu_env
 from msn_ds.data import eval_folder, eval_transform
