@@ -12,10 +12,8 @@ included): a file naming any other type is refused (exit 2), since unpickling a 
 checkpoint could run code. A full disk: a message with the space needed and free, exit 1.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds.checkpoint import CheckpointError, SaveError, consolidate  # noqa: E402
 
 

@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.logistic import run_fewshot  # noqa: E402
+from eval.logistic import run_fewshot
 from msn_ds.checkpoint import load_encoder  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 

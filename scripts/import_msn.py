@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds.checkpoint import save_weights  # noqa: E402
 from msn_ds.reference import export_reference, load_reference, read_ours  # noqa: E402
 

@@ -12,7 +12,6 @@ import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 from msn_ds import checkpoint  # noqa: E402
 
 

@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import bench_step  # noqa: E402
+from helpers import load_script
 from msn_ds.config import load_config  # noqa: E402
 from msn_ds.flops import StepShape  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+bench_step = load_script("scripts/bench_step.py")
 CPU_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
 TINY = ["data.rand_size=32", "data.focal_size=16", "data.focal_views=2", "meta.hidden_dim=64",
         "meta.output_dim=32", "criterion.num_proto=64"]

@@ -460,7 +460,7 @@ if __name__ == "__main__":
     print(*loader._pool._processes, flush=True)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2 and wait_gone(pids, 30)

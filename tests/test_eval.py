@@ -1,7 +1,6 @@
 """Few-shot evaluation: subset files, the logistic solver, feature taps, demo data, end to end."""
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
