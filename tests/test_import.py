@@ -1,9 +1,6 @@
 """Reference (facebookresearch/msn) checkpoints: import, feature equality with an
 independently built timm ViT + head, the export round trip, and the refusals."""
 import math
-import os
-import subprocess
-import sys
 from collections import OrderedDict
 from functools import partial
 
@@ -15,11 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from msn_ds.checkpoint import load_encoder, read_weights, save_weights
 from msn_ds.reference import ReferenceCheckpointError, load_reference
-from helpers import cpu_env
+from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "import_msn.py")
-ENV = cpu_env()
 HIDDEN, OUT, K = 96, 48, 10  # not the default 2048/256: dims must be read from the shapes
 
 
@@ -84,11 +78,6 @@ def reference_features(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return vit.norm(vit.blocks(t))[:, 0]
 
 
-def run(*args):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     torch.manual_seed(0)
@@ -106,8 +95,7 @@ def ref(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(ref):
     out = ref["path"].parent / "ours.safetensors"
-    r = run(ref["path"], "--arch", "deit_tiny", "--out", out)
-    assert r.returncode == 0, r.stderr
+    run_cli("scripts/import_msn.py", ref["path"], "--arch", "deit_tiny", "--out", out)
     return out
 
 
@@ -144,8 +132,7 @@ def test_metadata_prototypes_and_anchor(ref, imported):
 
 def test_export_round_trip_is_bit_identical(ref, imported, tmp_path):
     back, again = tmp_path / "back.pth.tar", tmp_path / "again.safetensors"
-    r = run(imported, "--export-reference", "--out", back)
-    assert r.returncode == 0, r.stderr
+    run_cli("scripts/import_msn.py", imported, "--export-reference", "--out", back)
     target, protos, anchor, meta = load_reference(str(back), "deit_tiny")  # what the script does
     save_weights(str(again), target, protos, meta, anchor)
     (a, meta_a), (b, meta_b) = read_weights(str(imported)), read_weights(str(again))
@@ -181,7 +168,8 @@ def test_missing_file(tmp_path):
     missing = tmp_path / "nope.pth.tar"
     with pytest.raises(FileNotFoundError, match="nope.pth.tar"):
         load_reference(str(missing))
-    r = run(missing, "--out", tmp_path / "x.safetensors")
+    r = run_cli("scripts/import_msn.py", missing, "--out", tmp_path / "x.safetensors",
+                check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "nope.pth.tar" in r.stderr
     assert "Traceback" not in r.stderr
 

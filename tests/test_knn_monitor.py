@@ -3,8 +3,6 @@ on the target's features, the same with 2 processes as with 1, and it changes no
 the training: weights with it equal weights without it, and a resume stays bit-identical."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,12 +10,10 @@ import torch
 from eval.classify import knn_accuracy
 from eval.features import extract_features
 from eval.knn_monitor import KNNMonitor
-from helpers import ROOT, cpu_env
+from helpers import run_cli
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
-from test_checkpoint import args, assert_identical, run, weights
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from test_checkpoint import args, assert_identical, weights
 
 
 def subset_file(demo_root, path, per_class=10):
@@ -91,10 +87,7 @@ def test_two_processes_equal_one(demo_root, tmp_path):
             "train_root": os.path.join(root, "train"), "state": str(tmp_path / "enc.pt"),
             "out": str(tmp_path / "rank0.json")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "dist_knn_monitor.py"), str(tmp_path / "spec.json")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_cli("tests/dist_knn_monitor.py", tmp_path / "spec.json", nproc=2)
     two = json.loads((tmp_path / "rank0.json").read_text())
     one = KNNMonitor(spec["train"], spec["val"], train_root=spec["train_root"], k=5, crop=32,
                      resize=32, batch_size=16)(enc, torch.device("cpu"), torch.float32)
@@ -107,8 +100,8 @@ def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path)
     knn = ["eval.knn_every_steps=2", f"eval.knn_train={subset}", "eval.knn_train_per_class=null",
            "eval.knn_resize=32", "eval.knn_k=5", "logging.tensorboard=true"]
     plain, with_knn, resumed = (str(tmp_path / n) for n in ("plain", "knn", "resumed"))
-    run(args(demo_root, plain, 6))
-    r = run(args(demo_root, with_knn, 6, "zero0_fp32.json", *knn))
+    run_cli("train.py", *args(demo_root, plain, 6))
+    r = run_cli("train.py", *args(demo_root, with_knn, 6, "zero0_fp32.json", *knn))
     assert_identical(weights(plain), weights(with_knn))
     with open(os.path.join(with_knn, "metrics.jsonl")) as f:
         evals = [row for row in map(json.loads, f) if "knn_top1" in row]
@@ -120,14 +113,14 @@ def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path)
     tb.Reload()
     assert [e.step for e in tb.Scalars("eval/knn_top1")] == [2, 4, 6]
     # stopped at 3 (between two evaluations) and resumed: the same weights as straight through
-    run(args(demo_root, resumed, 3, "zero0_fp32.json", *knn))
-    run(args(demo_root, resumed, 6, "zero0_fp32.json", *knn) + ["--resume"])
+    run_cli("train.py", *args(demo_root, resumed, 3, "zero0_fp32.json", *knn))
+    run_cli("train.py", *args(demo_root, resumed, 6, "zero0_fp32.json", *knn), "--resume")
     assert_identical(weights(with_knn), weights(resumed))
 
 
 def test_bad_knn_folder_fails_before_work(demo_root, tmp_path):
     folder = tmp_path / "run"
-    r = run(args(demo_root, str(folder), 2) + ["eval.knn_every_steps=2",
-                                              f"eval.knn_val={tmp_path / 'nope'}"], expect=2)
+    r = run_cli("train.py", *args(demo_root, str(folder), 2), "eval.knn_every_steps=2",
+                f"eval.knn_val={tmp_path / 'nope'}", expect=2)
     assert "eval.knn_val" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
     assert not folder.exists()
