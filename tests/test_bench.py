@@ -20,6 +20,7 @@ TINY = ["data.rand_size=32", "data.focal_size=16", "data.focal_views=2", "meta.h
         "meta.output_dim=32", "criterion.num_proto=64"]
 
 
+@pytest.mark.slow
 def test_bench_step_cpu_table(tmp_path):
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "scripts/bench_step.py", "--models", "vit_pico_4",
@@ -39,6 +40,7 @@ def test_bench_step_cpu_table(tmp_path):
     assert row["loss"] == row["loss"]  # finite
 
 
+@pytest.mark.slow
 def test_bench_step_rejects_bad_config_before_building():
     r = subprocess.run([sys.executable, "scripts/bench_step.py", "--models", "vit_pico_4",
                         "--deepspeed_config", "ds_configs/zero0_fp32.json", "data.rand_sise=32"],
@@ -78,6 +80,7 @@ def run_bench(tmp_path, batch_sizes, env=CPU_ENV):
     return proc.returncode, stdout, stderr, rows, proc.pid
 
 
+@pytest.mark.slow
 def test_each_trial_runs_in_its_own_child(tmp_path):
     rc, stdout, stderr, rows, parent = run_bench(tmp_path, [4, 8])
     assert rc == 0, stderr[-3000:]
@@ -87,6 +90,7 @@ def test_each_trial_runs_in_its_own_child(tmp_path):
     assert len(pids) == 2 and parent not in pids
 
 
+@pytest.mark.slow
 def test_oom_in_a_child_is_a_row_and_the_next_trial_runs(tmp_path):
     env = {**CPU_ENV, bench_step.FAKE_OOM_ENV: "4"}
     rc, stdout, stderr, rows, _ = run_bench(tmp_path, [4, 8], env)
@@ -102,6 +106,7 @@ def trial_spec(**kw):
             "warmup": 1, **kw}
 
 
+@pytest.mark.slow
 def test_failed_or_hung_child_is_an_error_row(monkeypatch):
     for k, v in CPU_ENV.items():
         monkeypatch.setenv(k, v)

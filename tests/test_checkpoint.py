@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from msn_ds.checkpoint import read_weights
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 
 def args(demo_root, folder, steps, ds="zero0_fp32.json", *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds}",

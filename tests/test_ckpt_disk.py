@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 
 def train_args(demo_root, folder, steps, *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", "ds_configs/zero0_fp32.json",

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 
 def train_args(demo_root, folder, ds, batch, steps, *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds}.json",

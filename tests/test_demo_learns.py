@@ -7,12 +7,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from eval.logistic import run_fewshot
 from eval.subsets import make_subsets
 from msn_ds.checkpoint import load_encoder  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 from helpers import cpu_env
+
+pytestmark = pytest.mark.slow  # launches processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,6 +12,7 @@ from helpers import run_cli
 WORLD = 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sinkhorn,eps", [(True, 0.0), (False, 0.1)])
 def test_two_process_loss_equals_one_process(tmp_path, sinkhorn, eps):
     g = torch.Generator().manual_seed(7)

@@ -8,6 +8,8 @@ import pytest
 
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_target_is_an_ema_of_the_fp32_masters(tmp_path, stage):

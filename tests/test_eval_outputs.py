@@ -46,6 +46,7 @@ def count_extractions(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_feature_cache_reuses_features_across_lambda_and_runs(tiny, tmp_path, monkeypatch):
     root, subsets = tiny
     calls = count_extractions(monkeypatch)
@@ -89,6 +90,7 @@ def test_encoder_fingerprint_tracks_weights_and_tap():
     assert key != encoder_fingerprint(enc)
 
 
+@pytest.mark.slow
 def test_cyanure_preprocessing_and_solver_agree_with_ours(demo_root):
     """The reference's own solver and ours on one fixed problem: raw-pixel features of the
     demo data, 5 images per class, 3 splits. cyanure stops at a duality gap of 1e-3, L-BFGS
@@ -115,6 +117,7 @@ def test_cyanure_preprocessing_and_solver_agree_with_ours(demo_root):
         assert a > 40.0  # far above chance (10 %): a real problem, not a degenerate one
 
 
+@pytest.mark.slow
 def test_logistic_cli_json_sweep_and_tensorboard(tiny, tmp_path):
     root, subsets = tiny
     enc = encoder()
@@ -146,6 +149,7 @@ def test_logistic_cli_json_sweep_and_tensorboard(tiny, tmp_path):
         assert event.value == pytest.approx(r["groups"]["2imgs_class"]["mean"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_knn_cli_writes_tensorboard(tiny, tmp_path):
     root, _ = tiny
     run_dir = tmp_path / "run"

@@ -2,6 +2,7 @@
 ``forward`` does, so the masked anchor views and the focal views each get BatchNorm
 statistics of their own (DESIGN.md section 1). Checked against a float64 re-implementation
 of the reference's grouping, with 1 process and with 2 (torchrun, gloo)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +68,7 @@ def test_head_per_size_group_equals_reference_one_process():
     assert (pooled[:2 * B] - want[:2 * B]).abs().max() > 1e-2  # measured 0.057
 
 
+@pytest.mark.slow
 def test_head_per_size_group_equals_reference_two_processes(tmp_path):
     enc, views = make_encoder(), make_views()
     torch.save({"state": enc.state_dict(), "views": views}, tmp_path / "inputs.pt")

@@ -24,6 +24,8 @@ from msn_ds.checkpoint import (TARGET_PREFIX, encoder_metadata, load_encoder, re
 from msn_ds.data import IMAGENET_STD, eval_transform
 from msn_ds.models import MSNEncoder
 
+pytestmark = pytest.mark.slow  # launches processes
+
 ROOT = Path(__file__).resolve().parents[1]
 export_hf = load_script("scripts/export_hf.py")
 import_hf = load_script("scripts/import_hf.py")

@@ -105,6 +105,7 @@ def encoders(ref, imported):
     return load_encoder(str(imported))[0], load_reference(str(ref["path"]), "deit_tiny")[0]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("size", [224, 96])
 def test_imported_features_match_reference(ref, encoders, size):
@@ -118,6 +119,7 @@ def test_imported_features_match_reference(ref, encoders, size):
         torch.testing.assert_close(enc.head(feats), ref["head"](expected), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_metadata_prototypes_and_anchor(ref, imported):
     tensors, meta = read_weights(str(imported))
     assert meta["arch"] == "vit_tiny_16" and meta["epoch"] == "7"
@@ -130,6 +132,7 @@ def test_metadata_prototypes_and_anchor(ref, imported):
     assert tensors["target_head.bn2.num_batches_tracked"].item() == 123
 
 
+@pytest.mark.slow
 def test_export_round_trip_is_bit_identical(ref, imported, tmp_path):
     back, again = tmp_path / "back.pth.tar", tmp_path / "again.safetensors"
     run_cli("scripts/import_msn.py", imported, "--export-reference", "--out", back)
@@ -146,6 +149,7 @@ def test_export_round_trip_is_bit_identical(ref, imported, tmp_path):
     assert torch.equal(exported["prototypes"], orig["prototypes"]) and exported["epoch"] == 7
 
 
+@pytest.mark.slow
 def test_no_prefix_no_bn_no_head_and_inferred_arch(ref, tmp_path):
     vit, head = ref["vit"], randomise(reference_head(192, use_bn=False), 5)
     path = tmp_path / "plain.pth.tar"
@@ -164,6 +168,7 @@ def test_no_prefix_no_bn_no_head_and_inferred_arch(ref, tmp_path):
     assert torch.equal(enc.backbone.pos_embed, vit.pos_embed)
 
 
+@pytest.mark.slow
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.pth.tar"
     with pytest.raises(FileNotFoundError, match="nope.pth.tar"):

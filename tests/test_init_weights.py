@@ -75,6 +75,7 @@ def test_a_file_that_does_not_fit_is_refused(tmp_path):
         check_init_weights(cfg)
 
 
+@pytest.mark.slow
 def test_train_py_starts_from_the_file_or_refuses_before_work(demo_root, tmp_path):
     ours(tmp_path / "w.safetensors")
     base = ["train.py", "--config", DEMO, "--deepspeed_config", "ds_configs/zero0_fp32.json",

@@ -77,6 +77,7 @@ def test_knn_top5_at_least_top1():
     assert acc["top5"] > acc["top1"]
 
 
+@pytest.mark.slow
 def test_knn_pixels_on_demo_data(demo_root):
     # measured: 95.4 % top-1, 99.7 % top-5 (k=20, T=0.07, 4000 train / 1000 val)
     res = run_knn(None, os.path.join(demo_root, "mnist_demo"), pixels=True, device="cpu")
@@ -84,6 +85,7 @@ def test_knn_pixels_on_demo_data(demo_root):
     assert res["top1"] > 90 and res["top5"] >= res["top1"]
 
 
+@pytest.mark.slow
 def test_knn_cli_with_weights_json(tmp_path):
     data = tiny_dataset(tmp_path)
     torch.manual_seed(0)
@@ -116,6 +118,7 @@ def separable(n=240, dim=16, classes=4, seed=0):
     return x, y
 
 
+@pytest.mark.slow
 def test_linear_separable_reaches_100_percent_train():
     x, y = separable()
     model, last = train_linear(x, y, 4, epochs=30, batch_size=32, base_lr=6.4 * 16384 / 32 * 0.5)
@@ -178,6 +181,7 @@ def test_linear_resume_is_bit_for_bit(tmp_path):
         train_linear(x, y, 3, out=str(tmp_path / "b"), resume=True, **{**kw, "batch_size": 8})
 
 
+@pytest.mark.slow
 def test_linear_pixels_on_demo_data(demo_root):
     # measured: 87.8 % top-1 (10 epochs, batch 256, base lr 64 -> lr 1.0); paper defaults
     # (100 epochs, batch 16384, base lr 6.4) give 91.0 %
@@ -187,6 +191,7 @@ def test_linear_pixels_on_demo_data(demo_root):
     assert res["top1"] > 80 and res["top5"] >= res["top1"]
 
 
+@pytest.mark.slow
 def test_linear_cli_augment_resume(tmp_path):
     data = tiny_dataset(tmp_path)
     out = tmp_path / "lin"
@@ -204,6 +209,7 @@ def test_linear_cli_augment_resume(tmp_path):
     assert (b["top1"], b["train_loss"]) == (res["top1"], res["train_loss"])
 
 
+@pytest.mark.slow
 def test_linear_torchrun_two_processes_match_one(demo_root, tmp_path):
     data = os.path.join(demo_root, "mnist_demo")
     args = ["--pixels", "--root", data, "--epochs", 3, "--batch-size", 255]  # uneven last batch

@@ -30,6 +30,7 @@ def encoder():
     return MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).train()
 
 
+@pytest.mark.slow
 def test_monitor_is_eval_knn_on_the_targets_features(demo_root, tmp_path):
     root = os.path.join(demo_root, "mnist_demo")
     subset = subset_file(demo_root, tmp_path / "subset.txt")
@@ -74,6 +75,7 @@ def test_per_class_subset_is_make_subsets_draw(demo_root, tmp_path):
         KNNMonitor(train, os.path.join(root, "val"), train_root=train, train_per_class=10**6)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(demo_root, tmp_path):
     """Each process extracts every second image (97 and 1000 images: padded shares); rank
     0's accuracy equals one process's."""
@@ -95,6 +97,7 @@ def test_two_processes_equal_one(demo_root, tmp_path):
     assert two["knn_top5"] == pytest.approx(one["knn_top5"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path):
     subset = subset_file(demo_root, tmp_path / "subset.txt")
     knn = ["eval.knn_every_steps=2", f"eval.knn_train={subset}", "eval.knn_train_per_class=null",
@@ -118,6 +121,7 @@ def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path)
     assert_identical(weights(with_knn), weights(resumed))
 
 
+@pytest.mark.slow
 def test_bad_knn_folder_fails_before_work(demo_root, tmp_path):
     folder = tmp_path / "run"
     r = run_cli("train.py", *args(demo_root, str(folder), 2), "eval.knn_every_steps=2",

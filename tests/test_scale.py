@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 
 def args(demo_root, folder, ds, batch, steps=5, *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds}",

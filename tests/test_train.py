@@ -12,6 +12,8 @@ from msn_ds.config import load_config
 from msn_ds.flops import StepShape
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DeepSpeed's own launcher, as users run it (torchrun otherwise)
 DEEPSPEED = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus=2",

@@ -5,6 +5,8 @@ import json
 import pytest
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 
 @pytest.mark.parametrize("dtype,out_tol", [("fp32", 1e-5), ("bf16", 2e-2)])
 def test_sharded_ema_equals_unsharded(tmp_path, dtype, out_tol):
