@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= $(shell $(PY) -c "import torch; print('cuda' if torch.c
 DEMO_DATA := data/mnist_demo
 DEMO_RUN := runs/demo_cpu
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast clean
 
 venv: .venv/.installed
 
@@ -33,6 +33,10 @@ demo: .venv/.installed $(DEMO_DATA)/.complete
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
+
+# The in-process tests only (about a minute): no test that launches processes.
+test-fast: .venv/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf .venv runs data

@@ -1,4 +1,5 @@
-"""Frozen features for linear evaluation.
+"""The images and frozen features every protocol evaluates: the train/val folder pair, the
+raw-pixel baseline's transform, class-token extraction and the feature cache.
 
 The reference (``logistic_eval.py`` -> ``deit.forward_blocks(x, 1)``) takes the class token of
 the last block *before* the final LayerNorm; ``before_norm=False`` gives the token after it,
@@ -19,11 +20,30 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 from tqdm import tqdm
 
+from msn_ds.data import eval_folder
 from msn_ds.models import MSNEncoder
 
 log = logging.getLogger(__name__)
+
+
+def load_datasets(root: str, transform, subset: Optional[str] = None):
+    """``(train, val)`` ImageFolders of ``root`` with this transform; checks the classes agree."""
+    train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
+    train_ds = eval_folder(train_root, transform, subset)
+    test_ds = eval_folder(val_root, transform)
+    if train_ds.classes != test_ds.classes:
+        raise ValueError(f"{train_root} and {val_root} have different class folders; "
+                         "labels would not line up")
+    return train_ds, test_ds
+
+
+def pixel_transform(size: Optional[int] = None) -> v2.Compose:
+    """Raw pixels in [0, 1], resized/centre-cropped only when ``size`` is given."""
+    resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size)] if size else []
+    return v2.Compose(resize + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
 
 @contextlib.contextmanager

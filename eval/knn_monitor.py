@@ -1,7 +1,7 @@
 """k-NN accuracy of the target encoder while pretraining runs (``eval.knn_every_steps``).
 
 A recipe that works shows k-NN top-1 rising within the first epochs; one that collapses
-shows it flat at chance long before the loss says so. The classifier is :mod:`eval.knn`'s
+shows it flat at chance long before the loss says so. The classifier is :mod:`eval.classify`'s
 (weighted votes of the ``k`` most cosine-similar train features, ``T = 0.07``); the
 features are the target encoder's class token after its final LayerNorm (the
 representation its head sees), at the evaluation transform (resize, centre crop).
@@ -24,9 +24,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from msn_ds import distributed
 from msn_ds.data import eval_folder, eval_transform
 
-from .knn import knn_accuracy
+from .classify import knn_accuracy
 from .subsets import make_subsets
 
 log = logging.getLogger("msn_ds")
@@ -77,7 +78,7 @@ class KNNMonitor:
             val_x = self._features(target, self.val, len(self.train), device, dtype)
         finally:
             target.train(was_training)
-        if _rank() != 0:
+        if not distributed.is_main():
             return None
         acc = knn_accuracy(train_x, self.train.targets, val_x, self.val.targets, self.k,
                            self.temperature, num_classes=len(self.train.classes))
@@ -86,7 +87,7 @@ class KNNMonitor:
 
     def _features(self, target, dataset, offset: int, device, dtype) -> torch.Tensor:
         """``[N, D]`` float32 class tokens (on rank 0; this process's share elsewhere)."""
-        world, rank = _world(), _rank()
+        world, rank = distributed.world_size(), distributed.rank()
         per_rank = math.ceil(len(dataset) / world)  # equal work: ZeRO-3 gathers in lockstep
         mine = [min(rank + world * j, len(dataset) - 1) for j in range(per_rank)]
         feats = []
@@ -111,10 +112,6 @@ class KNNMonitor:
         return self._cache[key]
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _per_class(dataset, root: str, n: int):
     """``dataset`` restricted to the balanced subset of ``n`` images per class that
     :func:`eval.subsets.make_subsets` draws (its own seeded order: no global RNG)."""
@@ -125,7 +122,3 @@ def _per_class(dataset, root: str, n: int):
     dataset.samples = dataset.imgs = keep
     dataset.targets = [y for _, y in keep]
     return dataset
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

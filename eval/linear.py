@@ -49,14 +49,16 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
+from msn_ds import distributed
 from msn_ds.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from msn_ds.io.atomic import atomic_write
 from msn_ds.monitor.table import Column, format_table
+from msn_ds.schedules import cosine
 
-from .features import FeatureCache, dataset_features, encoder_fingerprint
-from .knn import load_datasets, topk_accuracy
+from .classify import topk_accuracy
+from .features import (FeatureCache, dataset_features, encoder_fingerprint, load_datasets,
+                       pixel_transform)
 from .report import add_source_args, build_source, representation, write_json, write_scalars
-from .logistic import pixel_transform
 
 REFERENCE_BATCH = 16384
 CHECKPOINT = "linear_last.pt"
@@ -67,18 +69,6 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / REFERENCE_BATCH
 
 
-def cosine_lr(lr: float, step: int, total_steps: int) -> float:
-    """``lr`` decayed from ``lr`` (step 0) towards 0 (step ``total_steps``)."""
-    return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps)))
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
@@ -87,7 +77,9 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
                   world_size: int = 1) -> list[tuple[torch.Tensor, int]]:
     """This process's ``(indices, global batch size)`` per step of ``epoch``: every process
-    draws the same permutation and takes every ``world_size``-th index of each global batch."""
+    draws the same permutation and takes every ``world_size``-th index of each global batch.
+    Not :class:`msn_ds.data.GlobalBatchSampler`: every image counts here, so the last, partial
+    batch is kept (the sampler drops it), and results stay those of earlier runs."""
     perm = epoch_permutation(n, seed, epoch)
     return [(perm[i:i + batch_size][rank::world_size], len(perm[i:i + batch_size]))
             for i in range(0, n, batch_size)]
@@ -108,7 +100,7 @@ def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
     ``stop_after`` ends the run after that many epochs in total (the schedule still spans
     ``epochs``): an interruption, for testing resumption.
     """
-    rank, world_size = world()
+    rank, world_size = distributed.rank(), distributed.world_size()
     device = torch.device(device)
     x_all = torch.as_tensor(train_x)
     y_all = torch.as_tensor(train_y).long()
@@ -156,7 +148,7 @@ def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
         for b, (idx, global_bs) in enumerate(batches):
             step = epoch * steps_per_epoch + b
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr0, step, total)
+                group["lr"] = cosine(step, total, lr0, 0.0)
             x = fx[pos[idx].to(device)] if features is not None else x_all[idx.to(device)]
             y = y_all[idx.to(device)]
             logits = model(x)
@@ -166,15 +158,13 @@ def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
             for p in model.parameters():
                 if p.grad is None:  # an empty local share of a tiny last batch
                     p.grad = torch.zeros_like(p)
-            if world_size > 1:
-                for p in model.parameters():
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            for p in model.parameters():
+                distributed.all_reduce_sum_(p.grad)
             opt.step()
             correct += (logits.argmax(1) == y).sum().double()
             loss_sum += loss.detach().double() * global_bs
         stats = torch.stack([correct, loss_sum])
-        if world_size > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        distributed.all_reduce_sum_(stats)
         last = {"epoch": epoch + 1, "train_top1": 100.0 * float(stats[0]) / n,
                 "loss": float(stats[1]) / n}
         if ckpt_path and rank == 0:
@@ -183,9 +173,8 @@ def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if log:
             log(f"epoch {epoch + 1}/{epochs} loss {last['loss']:.4f} "
-                f"train top1 {last['train_top1']:.2f} lr {cosine_lr(lr0, step + 1, total):.4g}")
-        if world_size > 1:
-            dist.barrier()
+                f"train top1 {last['train_top1']:.2f} lr {cosine(step + 1, total, lr0, 0.0):.4g}")
+        distributed.barrier()
     return model, last
 
 
@@ -208,15 +197,14 @@ def sharded_features(dataset, rows: Optional[torch.Tensor] = None, gather: bool 
                      **kw) -> np.ndarray:
     """Features of ``dataset`` (restricted to ``rows``), each process extracting every
     ``world_size``-th row; with ``gather`` the full array, in row order, on every process."""
-    rank, world_size = world()
+    rank, world_size = distributed.rank(), distributed.world_size()
     rows = torch.arange(len(dataset)) if rows is None else rows
     mine = rows[rank::world_size] if gather else rows
     x, _ = dataset_features(kw.pop("encoder"), Subset(dataset, mine.tolist()), **kw)
     x = torch.as_tensor(x)
     if world_size == 1 or not gather:
         return x.numpy()
-    dev = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = distributed.comm_device()
     size = math.ceil(len(rows) / world_size)
     pad = torch.zeros(size, x.shape[1], dtype=torch.float32, device=dev)
     pad[:len(x)] = x.to(dev)
@@ -236,18 +224,15 @@ def cached_features(cache: Optional[FeatureCache], encoder_key: str, dataset, **
         return sharded_features(dataset, **kw)
     key = FeatureCache.key(encoder_key, dataset)
     labels = np.asarray(dataset.targets, np.int64)
-    _, world_size = world()
-    if world_size > 1:
+    if distributed.world_size() > 1:
         have = cache.folder is not None and os.path.exists(os.path.join(cache.folder, f"{key}.npz"))
-        flag = torch.tensor([float(have)])
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
+        flag = torch.tensor([float(have)], device=distributed.comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if not flag.item():
             x = sharded_features(dataset, **kw)
-            if world()[0] == 0:  # the one writer; the others keep theirs in memory
+            if distributed.is_main():  # the one writer; the others keep theirs in memory
                 cache.get(key, lambda: (x, labels), labels=labels)
-            dist.barrier()
+            distributed.barrier()
             return x
     # an entry whose rows or labels do not match the image list is recomputed (on every
     # process alike: each reads the same entry and finds the same mismatch)
@@ -283,7 +268,7 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
         aug_ds, _ = load_datasets(root, augment_transform(crop), subset)
 
         def augmented(epoch: int, rows: torch.Tensor) -> np.ndarray:
-            rank, _ = world()  # random crops: a function of (seed, epoch, rank), resumable
+            rank = distributed.rank()  # random crops: a function of (seed, epoch, rank), resumable
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
                 return sharded_features(aug_ds, rows, gather=False, **kw)
@@ -299,7 +284,7 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
                                stop_after=stop_after, device=device, features=feature_fn,
                                log=log)
     acc = evaluate_linear(model, test_x, test_y)
-    _, world_size = world()
+    world_size = distributed.world_size()
     return {"protocol": "linear", "representation": representation(pixels, before_norm),
             "feature_dim": int(train_x.shape[1]), "epochs": epochs,
             "epochs_trained": last["epoch"], "batch_size": batch_size, "base_lr": base_lr,
@@ -364,15 +349,10 @@ def main(argv=None) -> int:
     if problem:  # before loading weights or extracting features
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    rank, _ = world()
-    device = args.device or (f"cuda:{torch.cuda.current_device()}"
-                             if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+        distributed.init_process_group()
+    rank = distributed.rank()
+    device = args.device or str(distributed.step_device())
     log = print if rank == 0 else None
     try:
         encoder, source = build_source(args, device)
@@ -387,8 +367,7 @@ def main(argv=None) -> int:
                             cache=FeatureCache(args.cache_dir) if args.cache_dir else None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if distributed:
-            dist.destroy_process_group()
+        distributed.cleanup()
         return 2
     result.update(source)
     if rank == 0:
@@ -399,8 +378,7 @@ def main(argv=None) -> int:
             print("TensorBoard:", write_scalars(args.run_dir, {
                 "eval/linear_top1": result["top1"], "eval/linear_top5": result["top5"]},
                 source.get("step")))
-    if distributed:
-        dist.destroy_process_group()
+    distributed.cleanup()
     return 0
 
 

@@ -37,14 +37,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
-from msn_ds.data import eval_folder, eval_transform
+from msn_ds.data import eval_transform
 from msn_ds.data.dataset import read_list_file
 from msn_ds.models import MSNEncoder
 from msn_ds.monitor.table import Column, format_row, format_table
 
-from .features import FeatureCache, train_val_features
+from .features import FeatureCache, load_datasets, pixel_transform, train_val_features
 from .report import add_source_args, build_source, representation, write_json, write_scalars
 
 CENTERING = ("sample", "train", "none")
@@ -156,12 +155,6 @@ def cyanure_available() -> bool:
     return importlib.util.find_spec("cyanure") is not None
 
 
-def pixel_transform(size: Optional[int] = None) -> v2.Compose:
-    """Raw pixels in [0, 1], resized/centre-cropped only when ``size`` is given."""
-    resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size)] if size else []
-    return v2.Compose(resize + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-
-
 def read_subset(path: str) -> list[str]:
     """The subset's ``class_dir/filename`` lines; names as bytes, so that non-UTF-8 names
     match the files (see :func:`msn_ds.data.dataset.read_list_file`)."""
@@ -202,11 +195,8 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
     pixels = pixels or encoder is None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     transform = pixel_transform(pixel_size) if pixels else eval_transform(crop, resize)
-    train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
-    train_ds, test_ds = eval_folder(train_root, transform), eval_folder(val_root, transform)
-    if train_ds.classes != test_ds.classes:
-        raise ValueError(f"{train_root} and {val_root} have different class folders; "
-                         "labels would not line up")
+    train_ds, test_ds = load_datasets(root, transform)
+    train_root = os.path.join(root, "train")
 
     subsets = {path: read_subset(path) for path in subset_files}
     empty = [path for path, lines in subsets.items() if not lines]

@@ -50,7 +50,6 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds import distributed as D  # noqa: E402
 from msn_ds.config import ConfigError, load_config  # noqa: E402
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config, zero_stage  # noqa: E402

@@ -25,7 +25,6 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from msn_ds.data.dataset import list_images  # noqa: E402
 from msn_ds.data.probe import BAD, decode_rgb, probe, read_regular  # noqa: E402

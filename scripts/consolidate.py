@@ -12,13 +12,11 @@ included): a file naming any other type is refused (exit 2), since unpickling a 
 checkpoint could run code. A full disk: a message with the space needed and free, exit 1.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.io.atomic import SaveError  # noqa: E402
-from msn_ds.io.checkpoint import consolidate  # noqa: E402
-from msn_ds.io.safe_load import CheckpointError  # noqa: E402
+from msn_ds.io.atomic import SaveError
+from msn_ds.io.checkpoint import consolidate
+from msn_ds.io.safe_load import CheckpointError
 
 
 def main(argv=None) -> int:

@@ -10,9 +10,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.logistic import run_fewshot  # noqa: E402
-from msn_ds.io.weights import load_encoder  # noqa: E402
+from eval.logistic import run_fewshot
+from msn_ds.io.weights import load_encoder
 from msn_ds.models import MSNEncoder  # noqa: E402
 from msn_ds.monitor.table import Column, format_table  # noqa: E402
 

@@ -32,30 +32,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from msn_ds.io.atomic import SaveError, atomic_write  # noqa: E402
 from msn_ds.io.weights import TARGET_PREFIX, read_weights  # noqa: E402
 from msn_ds.models import resolve_arch  # noqa: E402
+from msn_ds.models.hf_keys import BLOCK_MAP, LAYER_NORM_EPS, QKV, TOP_MAP
 
-LAYER_NORM_EPS = 1e-6  # build_vit's; transformers' ViTMSNConfig default is 1e-6 too
-# timm block key (after ``blocks.N.``) -> transformers key (after ``encoder.layer.N.``)
-BLOCK_MAP = {
-    "norm1": "layernorm_before",
-    "attn.proj": "attention.output.dense",
-    "norm2": "layernorm_after",
-    "mlp.fc1": "intermediate.dense",
-    "mlp.fc2": "output.dense",
-}
-TOP_MAP = {
-    "cls_token": "embeddings.cls_token",
-    "pos_embed": "embeddings.position_embeddings",
-    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-    "norm.weight": "layernorm.weight",
-    "norm.bias": "layernorm.bias",
-}
-QKV = ("query", "key", "value")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
 

@@ -25,13 +25,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.io.atomic import SaveError  # noqa: E402
-from msn_ds.io.weights import HEAD_PREFIX, TARGET_PREFIX, write_weights  # noqa: E402
+from msn_ds.io.atomic import SaveError
+from msn_ds.io.weights import HEAD_PREFIX, TARGET_PREFIX, write_weights
+from msn_ds.models.hf_keys import BLOCK_MAP, LAYER_NORM_EPS, QKV, TOP_MAP
 from msn_ds.models.vit import VIT_SIZES, resolve_arch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export_hf import BLOCK_MAP, LAYER_NORM_EPS, QKV, TOP_MAP  # noqa: E402
 
 # transformers 5 names -> the hub checkpoints' names
 V5_RENAMES = [

@@ -12,10 +12,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msn_ds.io.atomic import SaveError  # noqa: E402
-from msn_ds.io.reference import export_reference, load_reference, read_ours  # noqa: E402
-from msn_ds.io.weights import save_weights  # noqa: E402
+from msn_ds.io.atomic import SaveError
+from msn_ds.io.reference import export_reference, load_reference, read_ours
+from msn_ds.io.weights import save_weights
 
 
 def main(argv=None) -> int:

@@ -8,12 +8,10 @@ writes ``{k}imgs_class_split{s}.txt`` and ``{p}percent_split{s}.txt``, one
 as its bytes on disk, so names that are not UTF-8 survive the round trip.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.subsets import make_subsets, write_subsets  # noqa: E402
+from eval.subsets import make_subsets, write_subsets
 
 
 def main(argv=None) -> int:

@@ -6,9 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_head_groups import MASK, SEED, make_encoder  # noqa: E402
+from test_head_groups import MASK, SEED, make_encoder
 
 
 def main():

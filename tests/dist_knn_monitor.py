@@ -1,15 +1,12 @@
 """Run under torchrun by tests/test_knn_monitor.py: the k-NN monitor with 2 processes."""
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eval.knn_monitor import KNNMonitor  # noqa: E402
-from test_knn_monitor import encoder  # noqa: E402
+from eval.knn_monitor import KNNMonitor
+from test_knn_monitor import encoder
 
 
 def main():

@@ -6,7 +6,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msn_ds.loss import MSNLoss  # noqa: E402
 from msn_ds.models.norm import BatchNorm1d  # noqa: E402
 

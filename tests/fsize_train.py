@@ -12,8 +12,7 @@ import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from msn_ds.io import checkpoint  # noqa: E402
+from msn_ds.io import checkpoint
 
 
 def limit(nbytes: int) -> None:

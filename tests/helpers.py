@@ -1,4 +1,5 @@
-"""Small helpers shared by the evaluation tests."""
+"""Small helpers shared by the tests."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,14 +20,34 @@ def cpu_env(**extra) -> dict:
     return {**os.environ, **CPU_ENV, **extra}
 
 
-def run_cli(*args, timeout=180, env=None, check=True):
-    """``python ARGS`` in the repository root, one thread; asserts success unless ``check``."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout,
-                          env=cpu_env(**(env or {})))
+def run_cli(*args, timeout=600, env=None, check=True, expect=0, nproc=1, launcher=None,
+            umask=None):
+    """``python ARGS`` in the repository root on the CPU (:data:`CPU_ENV` and ``env`` over
+    the environment); asserts that it exits with ``expect`` unless ``check`` is False.
+    ``nproc`` > 1 starts that many processes with ``torch.distributed.run``; ``launcher``
+    replaces ``python`` (or torchrun) by another command; ``umask`` is the child's."""
+    if launcher is None:
+        launcher = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=cpu_env(**(env or {})),
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
     if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def load_script(path: str):
+    """The file ``ROOT/path`` (a script, or train.py) as a module, registered under its stem:
+    scripts are files, not a package, so they are imported by path (no sys.path edit)."""
+    name = Path(path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def write_folder(root: Path, counts: dict, size: int = 16, seed: int = 0) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -82,6 +83,7 @@ def test_symlink_loop_and_cross_class_link_are_not_followed(tmp_path):
     assert [p for p, _ in ds.samples] == [p for p, _ in listing.samples]
 
 
+@pytest.mark.slow
 def test_check_dataset_reports_fifo_loops_and_duplicates(tmp_path):
     root = tmp_path / "train"
     write_folder(root, {"a": 3, "b": 3})
@@ -164,6 +166,7 @@ def metrics(run):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_one_bad_file_in_nine_is_counted_once_over_three_epochs(tmp_path):
     """1 bad file in 9, data.max_bad_fraction 0.15 (1.35 files): passed over in every epoch
     (3 steps of 3 cover all 9 indices), but one file: the run finishes."""
@@ -179,6 +182,7 @@ def test_one_bad_file_in_nine_is_counted_once_over_three_epochs(tmp_path):
     assert r.stderr.count("skipping unreadable image") == 1, r.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_too_many_bad_files_save_and_stop_with_a_message(tmp_path):
     base, run = data_root(tmp_path, bad=2), tmp_path / "run"
     r = subprocess.run(train_cmd(base, run, "optimization.epochs=3", "data.num_workers=0",
@@ -194,6 +198,7 @@ def test_too_many_bad_files_save_and_stop_with_a_message(tmp_path):
     assert (run / "latest").read_text().strip() == f"global_step{steps[0]}"
 
 
+@pytest.mark.slow
 def test_sigterm_with_a_fifo_in_the_data_saves(tmp_path):
     """A FIFO named zz.png in the training folder used to block the loader forever (and the
     SIGTERM with it): listed, it is index 5 of 11, drawn in the first batch of 10 (seed 0).

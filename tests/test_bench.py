@@ -9,18 +9,18 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import bench_step  # noqa: E402
+from helpers import load_script
 from msn_ds.config import load_config  # noqa: E402
 from msn_ds.monitor.flops import StepShape  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+bench_step = load_script("scripts/bench_step.py")
 CPU_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
 TINY = ["data.rand_size=32", "data.focal_size=16", "data.focal_views=2", "meta.hidden_dim=64",
         "meta.output_dim=32", "criterion.num_proto=64"]
 
 
+@pytest.mark.slow
 def test_bench_step_cpu_table(tmp_path):
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "scripts/bench_step.py", "--models", "vit_pico_4",
@@ -40,6 +40,7 @@ def test_bench_step_cpu_table(tmp_path):
     assert row["loss"] == row["loss"]  # finite
 
 
+@pytest.mark.slow
 def test_bench_step_rejects_bad_config_before_building():
     r = subprocess.run([sys.executable, "scripts/bench_step.py", "--models", "vit_pico_4",
                         "--deepspeed_config", "ds_configs/zero0_fp32.json", "data.rand_sise=32"],
@@ -79,6 +80,7 @@ def run_bench(tmp_path, batch_sizes, env=CPU_ENV):
     return proc.returncode, stdout, stderr, rows, proc.pid
 
 
+@pytest.mark.slow
 def test_each_trial_runs_in_its_own_child(tmp_path):
     rc, stdout, stderr, rows, parent = run_bench(tmp_path, [4, 8])
     assert rc == 0, stderr[-3000:]
@@ -88,6 +90,7 @@ def test_each_trial_runs_in_its_own_child(tmp_path):
     assert len(pids) == 2 and parent not in pids
 
 
+@pytest.mark.slow
 def test_oom_in_a_child_is_a_row_and_the_next_trial_runs(tmp_path):
     env = {**CPU_ENV, bench_step.FAKE_OOM_ENV: "4"}
     rc, stdout, stderr, rows, _ = run_bench(tmp_path, [4, 8], env)
@@ -103,6 +106,7 @@ def trial_spec(**kw):
             "warmup": 1, **kw}
 
 
+@pytest.mark.slow
 def test_failed_or_hung_child_is_an_error_row(monkeypatch):
     for k, v in CPU_ENV.items():
         monkeypatch.setenv(k, v)

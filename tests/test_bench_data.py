@@ -6,6 +6,8 @@ import pytest
 
 from helpers import run_cli
 
+pytestmark = pytest.mark.slow  # launches processes
+
 
 @pytest.mark.parametrize("loaders", ["plain,torch", "plain,torch,dali"])
 def test_plain_row_beside_ours(tmp_path, loaders):

@@ -2,8 +2,6 @@
 timm-loadable file, errors that name the file."""
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -11,24 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from msn_ds.io.weights import read_weights
-from helpers import cpu_env
+from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = cpu_env()
+pytestmark = pytest.mark.slow  # launches processes
 
 
 def args(demo_root, folder, steps, ds="zero0_fp32.json", *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds}",
             "--max-steps", str(steps), f"data.root_path={demo_root}", f"logging.folder={folder}",
             "criterion.batch_size=8", "data.num_workers=0", "logging.log_every=1", *extra]
-
-
-def run(argv, script="train.py", expect=0):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script)] + argv, capture_output=True,
-                       text=True, timeout=600, env=ENV, cwd=ROOT)
-    assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
 
 
 def weights(folder):
@@ -45,45 +34,40 @@ def assert_identical(a, b):
 def straight(demo_root, tmp_path_factory):
     """6 steps without interruption: the reference for every resume below."""
     folder = str(tmp_path_factory.mktemp("straight"))
-    run(args(demo_root, folder, 6))
+    run_cli("train.py", *args(demo_root, folder, 6))
     return folder
 
 
 def test_resume_is_bit_identical(demo_root, straight, tmp_path):
     folder = str(tmp_path / "run")
-    run(args(demo_root, folder, 3))
+    run_cli("train.py", *args(demo_root, folder, 3))
     with open(os.path.join(folder, "latest")) as f:
         assert f.read() == "global_step3"
-    run(args(demo_root, folder, 6) + ["--resume"])
+    run_cli("train.py", *args(demo_root, folder, 6), "--resume")
     assert_identical(weights(straight), weights(folder))
     # the same --max-steps given again stops at once: nothing left to do
-    r = run(args(demo_root, folder, 6) + ["--resume"])
+    r = run_cli("train.py", *args(demo_root, folder, 6), "--resume")
     assert "resumed at step 6" in r.stderr + r.stdout
 
 
 def test_kill_during_save_keeps_previous_checkpoint(demo_root, straight, tmp_path):
     folder = str(tmp_path / "run")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train_with_faults.py"), "kill-in-save",
-                        "4"] + args(demo_root, folder, 6, "zero0_fp32.json",
-                                    "logging.checkpoint_every_steps=2"),
-                       capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    r = run_cli("tests/train_with_faults.py", "kill-in-save", "4",
+                *args(demo_root, folder, 6, "zero0_fp32.json", "logging.checkpoint_every_steps=2"),
+                expect=-signal.SIGKILL)
     with open(os.path.join(folder, "latest")) as f:
         assert f.read() == "global_step2"  # the pointer still names the last complete save
     assert os.path.isdir(os.path.join(folder, "global_step4.partial"))
     assert not os.path.exists(os.path.join(folder, "global_step4"))
-    run(args(demo_root, folder, 6, "zero0_fp32.json", "logging.checkpoint_every_steps=2")
-        + ["--resume"])
+    run_cli("train.py", *args(demo_root, folder, 6, "zero0_fp32.json",
+                              "logging.checkpoint_every_steps=2"), "--resume")
     assert_identical(weights(straight), weights(folder))
     assert not os.path.exists(os.path.join(folder, "global_step4.partial"))
 
 
 def test_sigterm_saves_and_exits_zero(demo_root, tmp_path):
     folder = str(tmp_path / "run")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train_with_faults.py"), "sigterm-at",
-                        "2"] + args(demo_root, folder, 50),
-                       capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("tests/train_with_faults.py", "sigterm-at", "2", *args(demo_root, folder, 50))
     assert "stop requested (SIGTERM): saving at step 3" in r.stderr + r.stdout
     with open(os.path.join(folder, "latest")) as f:
         assert f.read() == "global_step3"
@@ -92,9 +76,9 @@ def test_sigterm_saves_and_exits_zero(demo_root, tmp_path):
 @pytest.mark.parametrize("ds", ["zero0_fp32.json", "zero1_fp32.json", "zero3_bf16.json"])
 def test_consolidate_loads_into_timm(demo_root, tmp_path, ds):
     folder = str(tmp_path / "run")
-    run(args(demo_root, folder, 2, ds))
+    run_cli("train.py", *args(demo_root, folder, 2, ds))
     out = str(tmp_path / "w.safetensors")
-    run([folder, "--out", out], script="scripts/consolidate.py")
+    run_cli("scripts/consolidate.py", folder, "--out", out)
     tensors, meta = read_weights(out)
     assert meta["arch"] == "vit_pico_4" and meta["step"] == "2"
     vit = timm.models.vision_transformer.VisionTransformer(
@@ -102,22 +86,22 @@ def test_consolidate_loads_into_timm(demo_root, tmp_path, ds):
     vit.load_state_dict({k[len("target_encoder."):]: v for k, v in tensors.items()
                          if k.startswith("target_encoder.")}, strict=True)
     assert_identical(weights(folder), tensors)  # same as the file the run wrote itself
-    run([folder, "--out", str(tmp_path / "w.pth")], script="scripts/consolidate.py")
+    run_cli("scripts/consolidate.py", folder, "--out", str(tmp_path / "w.pth"))
     assert_identical(tensors, read_weights(str(tmp_path / "w.pth"))[0])
 
 
 def test_bad_checkpoints_name_the_problem(demo_root, tmp_path):
     folder = str(tmp_path / "run")
-    run(args(demo_root, folder, 1))
-    r = run(args(demo_root, folder, 2, "zero0_fp32.json", "meta.model_name=vit_pico_8")
-            + ["--resume"], expect=2)
+    run_cli("train.py", *args(demo_root, folder, 1))
+    r = run_cli("train.py", *args(demo_root, folder, 2, "zero0_fp32.json",
+                                  "meta.model_name=vit_pico_8"), "--resume", expect=2)
     assert "saved with meta.model_name='vit_pico_4', this run has 'vit_pico_8'" in r.stderr
-    r = run(args(demo_root, str(tmp_path / "nothing"), 2) + ["--resume", str(tmp_path / "nope")],
-            expect=2)
+    r = run_cli("train.py", *args(demo_root, str(tmp_path / "nothing"), 2), "--resume",
+                str(tmp_path / "nope"), expect=2)
     assert "checkpoint not found" in r.stderr and "nope" in r.stderr
     states = os.path.join(folder, "global_step1", "mp_rank_00_model_states.pt")
     with open(states, "r+b") as f:
         f.truncate(100)
-    r = run([folder, "--out", str(tmp_path / "x.safetensors")], script="scripts/consolidate.py",
-            expect=2)
+    r = run_cli("scripts/consolidate.py", folder, "--out", str(tmp_path / "x.safetensors"),
+                expect=2)
     assert "mp_rank_00_model_states.pt: unreadable or truncated" in r.stderr

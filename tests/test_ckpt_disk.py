@@ -8,30 +8,20 @@ EFBIG, and torch's writer reports either as ``inline_container.cc ... unexpected
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cpu_env
+from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = cpu_env()
+pytestmark = pytest.mark.slow  # launches processes
 
 
 def train_args(demo_root, folder, steps, *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", "ds_configs/zero0_fp32.json",
             "--max-steps", str(steps), f"data.root_path={demo_root}", f"logging.folder={folder}",
             "criterion.batch_size=8", "data.num_workers=0", *extra]
-
-
-def run(argv, expect=0, umask=None):
-    r = subprocess.run([sys.executable] + list(map(str, argv)), capture_output=True, text=True,
-                       timeout=600, env=ENV, cwd=ROOT,
-                       preexec_fn=None if umask is None else (lambda: os.umask(umask)))
-    assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
 
 
 def tree_size(path):
@@ -43,7 +33,7 @@ def reference(demo_root, tmp_path_factory):
     """Two steps written under umask 022: the sizes to fill a disk with, and the weights
     that the checkpoint kept by a failed save must still give."""
     folder = str(tmp_path_factory.mktemp("reference"))
-    run(["train.py"] + train_args(demo_root, folder, 2), umask=0o022)
+    run_cli("train.py", *train_args(demo_root, folder, 2), umask=0o022)
     weights = os.path.join(folder, "demo-target.safetensors")
     return {"folder": folder, "weights": load_file(weights),
             "weights_mode": os.stat(weights).st_mode,
@@ -78,7 +68,7 @@ def full_disk(request, tmp_path, reference):
 
 def consolidated(folder, tmp_path):
     out = tmp_path / "kept.safetensors"
-    run(["scripts/consolidate.py", folder, "--out", out])
+    run_cli("scripts/consolidate.py", folder, "--out", out)
     return load_file(out)
 
 
@@ -86,8 +76,8 @@ def test_full_disk_during_checkpoint(demo_root, reference, full_disk, tmp_path):
     """The save of step 4 fails: the message names the checkpoint, the space it needed and
     what is free; step 2's checkpoint stays, `latest` names it, the .partial is gone."""
     folder, how, reason = full_disk
-    r = run(how("checkpoint:2") + train_args(demo_root, folder, 4,
-                                             "logging.checkpoint_every_steps=2"), expect=1)
+    r = run_cli(*how("checkpoint:2"), *train_args(demo_root, folder, 4,
+                                                  "logging.checkpoint_every_steps=2"), expect=1)
     err = r.stderr
     need = reference["checkpoint_bytes"] / 2**20
     assert (f"cannot save checkpoint {folder}/global_step4: {reason} (needs about {need:.1f} "
@@ -107,7 +97,7 @@ def test_full_disk_during_weights_file(demo_root, reference, full_disk, tmp_path
     """The checkpoint fits, the weights file does not: it is not left half-written (no file,
     no temporary), the message says how much it needed and how to write it later."""
     folder, how, reason = full_disk
-    r = run(how("weights") + train_args(demo_root, folder, 2), expect=1)
+    r = run_cli(*how("weights"), *train_args(demo_root, folder, 2), expect=1)
     err = r.stderr
     weights = f"{folder}/demo-target.safetensors"
     need = sum(t.numel() * t.element_size() for t in reference["weights"].values()) / 2**20
@@ -131,7 +121,7 @@ def test_consolidate_on_full_disk(reference, tmp_path):
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = disk / "w.pth"
-        r = run(["scripts/consolidate.py", reference["folder"], "--out", out], expect=1)
+        r = run_cli("scripts/consolidate.py", reference["folder"], "--out", out, expect=1)
         assert f"error: cannot write the weights file {out}: no space left on the device" \
             in r.stderr, r.stderr[-3000:]
         assert "Traceback" not in r.stderr
@@ -146,5 +136,6 @@ def test_weights_files_honour_umask(reference, tmp_path, umask, mode):
     safetensors writes 0600 too), for .safetensors and .pth alike; and the run's own file."""
     assert reference["weights_mode"] & 0o777 == 0o644
     for name in ("w.safetensors", "w.pth"):
-        run(["scripts/consolidate.py", reference["folder"], "--out", tmp_path / name], umask=umask)
+        run_cli("scripts/consolidate.py", reference["folder"], "--out", tmp_path / name,
+                umask=umask)
         assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name

@@ -6,33 +6,20 @@ whose ``__reduce__`` runs ``os.system("touch MARKER")``: before the fix, consoli
 resuming from it created MARKER."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cpu_env
+from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = cpu_env()
+pytestmark = pytest.mark.slow  # launches processes
 
 
 def train_args(demo_root, folder, ds, batch, steps, *extra):
     return ["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds}.json",
             "--max-steps", str(steps), f"data.root_path={demo_root}", f"logging.folder={folder}",
             f"criterion.batch_size={batch}", "data.num_workers=0", *extra]
-
-
-def launch(argv, nproc=1, expect=0, module=None):
-    head = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = head + (["-m", module] if module else [])
-    r = subprocess.run(cmd + list(map(str, argv)), capture_output=True, text=True, timeout=600,
-                       env=ENV, cwd=ROOT)
-    assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
 
 
 class Evil:
@@ -64,7 +51,7 @@ def craft(genuine_run, dst, marker):
 def zero1_run(demo_root, tmp_path_factory):
     """One process, ZeRO-1 fp32, one step: the genuine checkpoint the crafted one copies."""
     folder = str(tmp_path_factory.mktemp("zero1"))
-    launch(["train.py"] + train_args(demo_root, folder, "zero1_fp32", 8, 1))
+    run_cli("train.py", *train_args(demo_root, folder, "zero1_fp32", 8, 1))
     return folder
 
 
@@ -80,13 +67,13 @@ def test_crafted_checkpoint_is_refused_by_consolidate_and_resume(demo_root, zero
     with open(os.path.join(crafted, "global_step1", "mp_rank_00_model_states.pt"), "rb") as f:
         assert b"zero_optimization" in f.read()  # plausible: a genuine ZeRO-1 ds_config
 
-    r = launch(["scripts/consolidate.py", crafted, "--out", tmp_path / "w.safetensors"], expect=2)
+    r = run_cli("scripts/consolidate.py", crafted, "--out", tmp_path / "w.safetensors", expect=2)
     assert_refused(r, poisoned)
     assert r.stderr.startswith("error: ") or "\nerror: " in r.stderr
     assert not (tmp_path / "w.safetensors").exists()
 
-    r = launch(["train.py"] + train_args(demo_root, tmp_path / "resumed", "zero1_fp32", 8, 2)
-               + ["--resume", os.path.join(crafted, "global_step1")], expect=2)
+    r = run_cli("train.py", *train_args(demo_root, tmp_path / "resumed", "zero1_fp32", 8, 2),
+                "--resume", os.path.join(crafted, "global_step1"), expect=2)
     assert_refused(r, poisoned)
     assert not marker.exists()
 
@@ -130,13 +117,13 @@ def test_deepspeed_reads_are_restricted(zero1_run, tmp_path):
     marker = tmp_path / "MARKER"
     crafted = str(tmp_path / "crafted")
     poisoned = craft(zero1_run, crafted, marker)
-    r = launch(["-c", RUNTIME_GUARD, crafted, poisoned])
+    r = run_cli("-c", RUNTIME_GUARD, crafted, poisoned)
     assert r.stdout.strip().splitlines()[-1] == ("engine: refused|zero_to_fp32: refused|"
                                                  "torch.serialization.load: refused|"
                                                  "swallowed: refused")
-    r = launch(["--input_folder", os.path.join(crafted, "global_step1"), "--output_folder",
-                tmp_path / "universal", "--inject_missing_state"], module="msn_ds.io.to_universal",
-               expect=2)
+    r = run_cli("-m", "msn_ds.io.to_universal", "--input_folder",
+                os.path.join(crafted, "global_step1"), "--output_folder", tmp_path / "universal",
+                "--inject_missing_state", expect=2)
     assert_refused(r, poisoned)
     assert not marker.exists()
 
@@ -148,7 +135,7 @@ def genuine(demo_root, tmp_path_factory):
     runs = {}
     for ds in ["zero1_bf16", "zero2_offload_bf16", "zero3_offload_bf16"]:
         runs[ds] = str(tmp_path_factory.mktemp(ds))
-        launch(["train.py"] + train_args(demo_root, runs[ds], ds, 4, 2), nproc=2)
+        run_cli("train.py", *train_args(demo_root, runs[ds], ds, 4, 2), nproc=2)
     return runs
 
 
@@ -171,7 +158,7 @@ def test_allow_list_is_what_genuine_checkpoints_hold(genuine):
 def test_fp16_loss_scaler_loads(tmp_path):
     """fp16 needs a GPU to train; its optimizer state holds a DynamicLossScaler, which the
     restricted loader rebuilds (attributes and the fp16 dtype included)."""
-    launch(["-c", r"""
+    run_cli("-c", r"""
 import sys, torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 from msn_ds.io.safe_load import safe_load
@@ -179,7 +166,7 @@ s = DynamicLossScaler(2.0**16, 1000, 1, 2, False)
 torch.save({"optimizer_state_dict": {"loss_scaler": s, "dynamic_loss_scale": True}}, sys.argv[1])
 got = safe_load(sys.argv[1])["optimizer_state_dict"]["loss_scaler"]
 assert type(got) is DynamicLossScaler and got.__dict__ == s.__dict__, got.__dict__
-""", tmp_path / "fp16.pt"])
+""", tmp_path / "fp16.pt")
 
 
 @pytest.mark.parametrize("ds", ["zero1_bf16", "zero2_offload_bf16", "zero3_offload_bf16"])
@@ -187,7 +174,7 @@ def test_genuine_checkpoints_consolidate(genuine, tmp_path, ds):
     """Consolidation reads every shard (zero_to_fp32) under the restriction: the same
     tensors as the file the run wrote at its end."""
     out = tmp_path / "w.safetensors"
-    launch(["scripts/consolidate.py", genuine[ds], "--out", out])
+    run_cli("scripts/consolidate.py", genuine[ds], "--out", out)
     a, b = load_file(out), load_file(os.path.join(genuine[ds], "demo-target.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -199,8 +186,7 @@ def test_genuine_checkpoints_resume(demo_root, genuine, tmp_path, ds, nproc, bat
     shards; at another, the restricted conversion to the universal format runs first."""
     folder = str(tmp_path / "run")
     shutil.copytree(genuine[ds], folder)
-    r = launch(["train.py"] + train_args(demo_root, folder, ds, batch, 3) + ["--resume"],
-               nproc=nproc)
+    r = run_cli("train.py", *train_args(demo_root, folder, ds, batch, 3), "--resume", nproc=nproc)
     assert "resumed at step 2" in r.stderr and "(2 processes)" in r.stderr, r.stderr[-3000:]
     with open(os.path.join(folder, "latest")) as f:
         assert f.read() == "global_step3"

@@ -84,6 +84,7 @@ def test_ds_config_single_source_of_truth():
         resolve_ds_config({"gradient_accumulation_steps": 2}, cfg, 4, "x.json")
 
 
+@pytest.mark.slow
 def test_train_py_fails_before_work(tmp_path):
     """A bad config stops train.py at once with the key in the message and exit code 2."""
     bad = write(tmp_path, {"meta": {"model_name": "deit_small", "bogus": 1}})

@@ -68,6 +68,7 @@ def apply_params(img, p, size):
     return F.normalize(F.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
+@pytest.mark.slow
 def test_replay_reproduces_torchvision_bit_for_bit():
     rng = np.random.default_rng(1)
     img = Image.fromarray((rng.random((50, 70, 3)) * 255).astype(np.uint8))
@@ -171,6 +172,7 @@ def run_both(folder, transform_args, batch, epochs):
     return rec, np.concatenate(fed, axis=1), np.concatenate(sizes), d_out, t_out
 
 
+@pytest.mark.slow
 def test_dali_matches_torchvision_statistics(folder):
     pytest.importorskip("nvidia.dali")
     batch, epochs = 32, 40  # 2 560 samples x 6 views
@@ -282,6 +284,7 @@ def write_bad_folder(root):
     return {"truncated.jpg", "truncated.png", "zero.jpg", "corrupt.jpg", "notimage.png"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_bad_files_skipped_and_counted(tmp_path, loader, caplog):
     if loader == "dali":
@@ -309,6 +312,7 @@ def test_bad_files_skipped_and_counted(tmp_path, loader, caplog):
     assert any("unreadable" in r.getMessage() for r in caplog.records) or loader == "torch"
 
 
+@pytest.mark.slow
 def test_dali_decodes_odd_formats_like_pil(tmp_path):
     """CMYK, grayscale, 16-bit and palette images reach DALI with the torch path's pixels;
     a file DALI cannot decode although the probe passed it is re-checked and skipped."""
@@ -330,6 +334,7 @@ def test_dali_decodes_odd_formats_like_pil(tmp_path):
         assert err.max() < 0.02, err
 
 
+@pytest.mark.slow
 def test_check_dataset_script(tmp_path):
     bad = write_bad_folder(tmp_path / "train")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_dataset.py"),
@@ -402,6 +407,7 @@ def wait_gone(pids, timeout=60):
     return not any(alive(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_host_workers_yield_the_same_batches(tmp_path):
     """Worker processes change where the host work runs, not a bit of what is fed: the same
     views, labels, skip counts and bad-file list as in the consumer's thread, through a DALI
@@ -430,6 +436,7 @@ def test_host_workers_yield_the_same_batches(tmp_path):
     assert not any(alive(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_host_workers_stop_with_the_loader(tmp_path):
     """An epoch left early, then the loader dropped: its workers exit."""
     pytest.importorskip("nvidia.dali")
@@ -443,13 +450,12 @@ def test_host_workers_stop_with_the_loader(tmp_path):
     assert wait_gone(pids)
 
 
+@pytest.mark.slow
 def test_host_workers_do_not_hold_up_exit(tmp_path):
     """An interpreter that ends with a live loader mid-epoch exits, and so do its workers."""
     pytest.importorskip("nvidia.dali")
     write_bad_folder(tmp_path / "train")
     script = f"""
-import sys
-sys.path[:0] = {[ROOT, os.path.dirname(os.path.abspath(__file__))]!r}
 from test_dali import dali_loader, epoch
 if __name__ == "__main__":
     loader = dali_loader({str(tmp_path / "train")!r}, 4, 2)
@@ -459,7 +465,7 @@ if __name__ == "__main__":
     print(*loader._pool._processes, flush=True)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2 and wait_gone(pids, 30)

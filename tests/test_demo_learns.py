@@ -7,15 +7,17 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from eval.logistic import run_fewshot  # noqa: E402
-from eval.subsets import make_subsets  # noqa: E402
-from msn_ds.io.weights import load_encoder  # noqa: E402
+from eval.logistic import run_fewshot
+from eval.subsets import make_subsets
+from msn_ds.io.weights import load_encoder
 from msn_ds.models import MSNEncoder  # noqa: E402
 from helpers import cpu_env
+
+pytestmark = pytest.mark.slow  # launches processes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Measured on 2 CPU cores (the demo's 868 steps, about 8 minutes): 5-shot 41.0 +- 3.1 % top-1
 # (3 splits of 50 images, 1 000 test images) against 22.2 +- 0.4 % for the untrained encoder;

@@ -1,29 +1,18 @@
 """Real 2-process runs (torchrun, gloo, CPU): the loss, its gradients and the heads'
 BatchNorm equal a 1-process computation on the concatenated batch within 1e-6."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from msn_ds.loss import MSNLoss
 from msn_ds.models.norm import BatchNorm1d
-from helpers import cpu_env
+from helpers import run_cli
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
 
 
-def torchrun(script, *args, nproc=WORLD, timeout=300, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", script, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=cpu_env(**(env or {})))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("sinkhorn,eps", [(True, 0.0), (False, 0.1)])
 def test_two_process_loss_equals_one_process(tmp_path, sinkhorn, eps):
     g = torch.Generator().manual_seed(7)
@@ -38,7 +27,7 @@ def test_two_process_loss_equals_one_process(tmp_path, sinkhorn, eps):
               "bn_probe": torch.randn(B, C, generator=g, dtype=torch.float64)}
     path = tmp_path / "inputs.pt"
     torch.save(inputs, path)
-    torchrun(os.path.join(HERE, "dist_worker.py"), str(path), str(tmp_path))
+    run_cli("tests/dist_worker.py", path, tmp_path, nproc=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     # one process, the whole batch

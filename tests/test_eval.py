@@ -1,7 +1,6 @@
 """Few-shot evaluation: subset files, the logistic solver, feature taps, demo data, end to end."""
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -10,22 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from eval.features import extract_features, pixel_features  # noqa: E402
-from eval.logistic import (evaluate_fewshot, fit_logistic, objective, preprocess,  # noqa: E402
+from eval.features import extract_features, pixel_features
+from eval.logistic import (evaluate_fewshot, fit_logistic, objective, preprocess,
                            run_fewshot)
-from eval.subsets import make_subsets  # noqa: E402
+from eval.subsets import make_subsets
 from msn_ds.data import eval_folder, eval_transform  # noqa: E402
 from msn_ds.models import MSNEncoder  # noqa: E402
 
-from helpers import run_cli, write_folder  # noqa: E402
+from helpers import run_cli, write_folder
 
 
 # ---------------------------------------------------------------- (a) subset files
 
+@pytest.mark.slow
 def test_subsets_deterministic_balanced_and_valid(tmp_path):
     root = tmp_path / "train"
     counts = {"cat": 7, "dog": 9, "eel": 12}
@@ -160,6 +156,7 @@ def demo(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_make_demo_data(demo):
     out, stdout = demo
     assert "4000 train / 1000 val" in stdout
@@ -190,6 +187,7 @@ def test_make_demo_data(demo):
     assert other.returncode != 0 and "another split" in other.stderr
 
 
+@pytest.mark.slow
 def test_fewshot_end_to_end(demo, tmp_path):
     out, _ = demo
     subsets = make_subsets(str(out / "train"), per_class=(1, 5), splits=2, seed=0)

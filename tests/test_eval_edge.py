@@ -5,8 +5,11 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from helpers import run_cli, write_folder
+
+pytestmark = pytest.mark.slow  # launches processes
 
 NAME = b"img\xe9.png"  # Latin-1 "imgé.png": not valid UTF-8
 

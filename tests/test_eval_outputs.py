@@ -1,25 +1,20 @@
 """Evaluation plumbing: the feature cache, the cyanure solver against ours, and what the CLIs
 write (JSON with the weights' hash, TensorBoard scalars in a run folder)."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import eval.features as features  # noqa: E402
-from eval.features import FeatureCache, encoder_fingerprint  # noqa: E402
-from eval.logistic import evaluate_fewshot, preprocess, run_fewshot  # noqa: E402
-from eval.report import sha256_file  # noqa: E402
-from msn_ds.io.weights import encoder_metadata, save_weights  # noqa: E402
+import eval.features as features
+from eval.features import FeatureCache, encoder_fingerprint
+from eval.logistic import evaluate_fewshot, preprocess, run_fewshot
+from eval.report import sha256_file
+from msn_ds.io.weights import encoder_metadata, save_weights
 from msn_ds.models import MSNEncoder  # noqa: E402
 
-from helpers import run_cli, write_folder  # noqa: E402
+from helpers import run_cli, write_folder
 
 
 @pytest.fixture()
@@ -51,6 +46,7 @@ def count_extractions(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_feature_cache_reuses_features_across_lambda_and_runs(tiny, tmp_path, monkeypatch):
     root, subsets = tiny
     calls = count_extractions(monkeypatch)
@@ -94,6 +90,7 @@ def test_encoder_fingerprint_tracks_weights_and_tap():
     assert key != encoder_fingerprint(enc)
 
 
+@pytest.mark.slow
 def test_cyanure_preprocessing_and_solver_agree_with_ours(demo_root):
     """The reference's own solver and ours on one fixed problem: raw-pixel features of the
     demo data, 5 images per class, 3 splits. cyanure stops at a duality gap of 1e-3, L-BFGS
@@ -106,9 +103,8 @@ def test_cyanure_preprocessing_and_solver_agree_with_ours(demo_root):
     cyan.preprocess(theirs, centering=True, normalize=True, columns=False)
     np.testing.assert_allclose(ours, theirs, atol=1e-12)  # per-sample centring, then L2
 
-    from eval.knn import load_datasets
-    from eval.logistic import pixel_transform
-    train, val = load_datasets(str(Path(demo_root) / "mnist_demo"), pixel_transform(16))
+    train, val = features.load_datasets(str(Path(demo_root) / "mnist_demo"),
+                                        features.pixel_transform(16))
     xtr, ytr = features.pixel_features(train, 500)
     xte, yte = features.pixel_features(val, 500)
     g = np.random.default_rng(0)
@@ -121,6 +117,7 @@ def test_cyanure_preprocessing_and_solver_agree_with_ours(demo_root):
         assert a > 40.0  # far above chance (10 %): a real problem, not a degenerate one
 
 
+@pytest.mark.slow
 def test_logistic_cli_json_sweep_and_tensorboard(tiny, tmp_path):
     root, subsets = tiny
     enc = encoder()
@@ -152,6 +149,7 @@ def test_logistic_cli_json_sweep_and_tensorboard(tiny, tmp_path):
         assert event.value == pytest.approx(r["groups"]["2imgs_class"]["mean"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_knn_cli_writes_tensorboard(tiny, tmp_path):
     root, _ = tiny
     run_dir = tmp_path / "run"

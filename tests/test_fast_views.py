@@ -3,6 +3,7 @@ normalisation) applies each view's replayed draws like the stock v2 pipeline it 
 within one grey level on every pixel, identical on almost all, and without touching the
 caller's random generator."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -20,6 +21,7 @@ def images(n=24, seed=0):
             int(s) for s in rng.integers(0, 2**62, 6)]
 
 
+@pytest.mark.slow
 def test_fast_views_equal_the_v2_pipeline():
     mc = MultiCropTransform(64, 24, rand_views=1, focal_views=4)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

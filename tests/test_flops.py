@@ -33,6 +33,7 @@ def counted_step_flops(cfg: dict, batch: int) -> int:
     return (counter.get_total_flops() - target_logits.numel() * 2 * protos.shape[1]) // batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,rand,focal,drop", [("vit_pico_4", 32, 16, 0.15),
                                                    ("vit_pico_8", 48, 24, 0.3)])
 def test_formula_matches_torch_flop_counter(arch, rand, focal, drop):

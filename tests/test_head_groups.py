@@ -2,17 +2,13 @@
 ``forward`` does, so the masked anchor views and the focal views each get BatchNorm
 statistics of their own (DESIGN.md section 1). Checked against a float64 re-implementation
 of the reference's grouping, with 1 process and with 2 (torchrun, gloo)."""
-import os
-import subprocess
-import sys
-
+import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import cpu_env
+from helpers import run_cli
 from msn_ds.models import MSNEncoder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 B, MASK, SEED = 8, 0.5, 3
 SIZES = [16, 16, 8, 8, 8]  # 2 random anchor views (masked), 3 focal views
 
@@ -73,13 +69,11 @@ def test_head_per_size_group_equals_reference_one_process():
     assert (pooled[:2 * B] - want[:2 * B]).abs().max() > 1e-2  # measured 0.057
 
 
+@pytest.mark.slow
 def test_head_per_size_group_equals_reference_two_processes(tmp_path):
     enc, views = make_encoder(), make_views()
     torch.save({"state": enc.state_dict(), "views": views}, tmp_path / "inputs.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "dist_head_groups.py"), str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_cli("tests/dist_head_groups.py", tmp_path, nproc=2)
     want = reference_forward(enc, views, MASK, SEED).view(len(SIZES), B, -1)
     b = B // 2
     for rank in range(2):  # rank r holds images r*b..(r+1)*b of every view, view-major

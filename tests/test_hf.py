@@ -18,16 +18,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, ViTMSNConfig, ViTMSNModel
 
-from helpers import cpu_env, run_cli, write_folder
+from helpers import cpu_env, load_script, run_cli, write_folder
 from msn_ds.data import IMAGENET_STD, eval_transform
 from msn_ds.io.weights import (TARGET_PREFIX, encoder_metadata, load_encoder, read_weights,
                                save_weights)
 from msn_ds.models import MSNEncoder
 
+pytestmark = pytest.mark.slow  # launches processes
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import export_hf  # noqa: E402
-import import_hf  # noqa: E402
+export_hf = load_script("scripts/export_hf.py")
+import_hf = load_script("scripts/import_hf.py")
 
 ARCH = "vit_pico_16"  # 4 blocks, width 128, patch 16: a 224-px model that runs in milliseconds
 FEATURE_TOL = 1e-4

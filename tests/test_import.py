@@ -1,9 +1,6 @@
 """Reference (facebookresearch/msn) checkpoints: import, feature equality with an
 independently built timm ViT + head, the export round trip, and the refusals."""
 import math
-import os
-import subprocess
-import sys
 from collections import OrderedDict
 from functools import partial
 
@@ -15,11 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from msn_ds.io.reference import ReferenceCheckpointError, load_reference
 from msn_ds.io.weights import load_encoder, read_weights, save_weights
-from helpers import cpu_env
+from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "import_msn.py")
-ENV = cpu_env()
 HIDDEN, OUT, K = 96, 48, 10  # not the default 2048/256: dims must be read from the shapes
 
 
@@ -84,11 +78,6 @@ def reference_features(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return vit.norm(vit.blocks(t))[:, 0]
 
 
-def run(*args):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     torch.manual_seed(0)
@@ -106,8 +95,7 @@ def ref(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(ref):
     out = ref["path"].parent / "ours.safetensors"
-    r = run(ref["path"], "--arch", "deit_tiny", "--out", out)
-    assert r.returncode == 0, r.stderr
+    run_cli("scripts/import_msn.py", ref["path"], "--arch", "deit_tiny", "--out", out)
     return out
 
 
@@ -117,6 +105,7 @@ def encoders(ref, imported):
     return load_encoder(str(imported))[0], load_reference(str(ref["path"]), "deit_tiny")[0]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("size", [224, 96])
 def test_imported_features_match_reference(ref, encoders, size):
@@ -130,6 +119,7 @@ def test_imported_features_match_reference(ref, encoders, size):
         torch.testing.assert_close(enc.head(feats), ref["head"](expected), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_metadata_prototypes_and_anchor(ref, imported):
     tensors, meta = read_weights(str(imported))
     assert meta["arch"] == "vit_tiny_16" and meta["epoch"] == "7"
@@ -142,10 +132,10 @@ def test_metadata_prototypes_and_anchor(ref, imported):
     assert tensors["target_head.bn2.num_batches_tracked"].item() == 123
 
 
+@pytest.mark.slow
 def test_export_round_trip_is_bit_identical(ref, imported, tmp_path):
     back, again = tmp_path / "back.pth.tar", tmp_path / "again.safetensors"
-    r = run(imported, "--export-reference", "--out", back)
-    assert r.returncode == 0, r.stderr
+    run_cli("scripts/import_msn.py", imported, "--export-reference", "--out", back)
     target, protos, anchor, meta = load_reference(str(back), "deit_tiny")  # what the script does
     save_weights(str(again), target, protos, meta, anchor)
     (a, meta_a), (b, meta_b) = read_weights(str(imported)), read_weights(str(again))
@@ -159,6 +149,7 @@ def test_export_round_trip_is_bit_identical(ref, imported, tmp_path):
     assert torch.equal(exported["prototypes"], orig["prototypes"]) and exported["epoch"] == 7
 
 
+@pytest.mark.slow
 def test_no_prefix_no_bn_no_head_and_inferred_arch(ref, tmp_path):
     vit, head = ref["vit"], randomise(reference_head(192, use_bn=False), 5)
     path = tmp_path / "plain.pth.tar"
@@ -177,11 +168,13 @@ def test_no_prefix_no_bn_no_head_and_inferred_arch(ref, tmp_path):
     assert torch.equal(enc.backbone.pos_embed, vit.pos_embed)
 
 
+@pytest.mark.slow
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.pth.tar"
     with pytest.raises(FileNotFoundError, match="nope.pth.tar"):
         load_reference(str(missing))
-    r = run(missing, "--out", tmp_path / "x.safetensors")
+    r = run_cli("scripts/import_msn.py", missing, "--out", tmp_path / "x.safetensors",
+                check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "nope.pth.tar" in r.stderr
     assert "Traceback" not in r.stderr
 

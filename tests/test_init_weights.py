@@ -1,12 +1,10 @@
 """``meta.init_weights``: a run starts both encoders from a weights file, ours or one
 imported from Hugging Face transformers (whose file has no trained head), and a file that
 does not fit the run is refused before any work."""
-import sys
-
 import pytest
 import torch
 
-from helpers import ROOT, run_cli
+from helpers import ROOT, load_script, run_cli
 from msn_ds.config import ConfigError, load_config
 from msn_ds.engine import build_models, check_init_weights
 from msn_ds.io.weights import TARGET_PREFIX, encoder_metadata, read_weights, save_weights
@@ -35,8 +33,7 @@ def test_both_encoders_start_from_the_file(tmp_path):
 
 def test_hf_import_gives_the_backbone_and_a_fresh_head(tmp_path):
     transformers = pytest.importorskip("transformers")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import import_hf
+    import_hf = load_script("scripts/import_hf.py")
 
     torch.manual_seed(1)
     config = transformers.ViTMSNConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -78,6 +75,7 @@ def test_a_file_that_does_not_fit_is_refused(tmp_path):
         check_init_weights(cfg)
 
 
+@pytest.mark.slow
 def test_train_py_starts_from_the_file_or_refuses_before_work(demo_root, tmp_path):
     ours(tmp_path / "w.safetensors")
     base = ["train.py", "--config", DEMO, "--deepspeed_config", "ds_configs/zero0_fp32.json",

@@ -2,24 +2,22 @@
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from eval.knn import knn_accuracy, knn_classify, run_knn, sha256_file  # noqa: E402
-from eval.linear import (CHECKPOINT, cosine_lr, epoch_batches, evaluate_linear,  # noqa: E402
-                         run_linear, scaled_lr, train_linear)
-from msn_ds.io.weights import encoder_metadata, save_weights  # noqa: E402
+from eval.classify import knn_accuracy, knn_classify
+from eval.knn import run_knn
+from eval.linear import (CHECKPOINT, epoch_batches, evaluate_linear, run_linear,
+                         scaled_lr, train_linear)
+from eval.report import sha256_file
+from msn_ds.io.weights import encoder_metadata, save_weights
 from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.schedules import cosine
 
-from helpers import run_cli, write_folder  # noqa: E402
+from helpers import run_cli, write_folder
 
 
 def tiny_dataset(tmp_path: Path) -> Path:
@@ -79,6 +77,7 @@ def test_knn_top5_at_least_top1():
     assert acc["top5"] > acc["top1"]
 
 
+@pytest.mark.slow
 def test_knn_pixels_on_demo_data(demo_root):
     # measured: 95.4 % top-1, 99.7 % top-5 (k=20, T=0.07, 4000 train / 1000 val)
     res = run_knn(None, os.path.join(demo_root, "mnist_demo"), pixels=True, device="cpu")
@@ -86,6 +85,7 @@ def test_knn_pixels_on_demo_data(demo_root):
     assert res["top1"] > 90 and res["top5"] >= res["top1"]
 
 
+@pytest.mark.slow
 def test_knn_cli_with_weights_json(tmp_path):
     data = tiny_dataset(tmp_path)
     torch.manual_seed(0)
@@ -118,6 +118,7 @@ def separable(n=240, dim=16, classes=4, seed=0):
     return x, y
 
 
+@pytest.mark.slow
 def test_linear_separable_reaches_100_percent_train():
     x, y = separable()
     model, last = train_linear(x, y, 4, epochs=30, batch_size=32, base_lr=6.4 * 16384 / 32 * 0.5)
@@ -129,9 +130,9 @@ def test_lr_scaling_and_cosine_schedule():
     assert scaled_lr(6.4, 16384) == pytest.approx(6.4)
     assert scaled_lr(6.4, 256) == pytest.approx(0.1)
     assert scaled_lr(6.4, 1024) == pytest.approx(0.4)
-    assert cosine_lr(0.4, 0, 100) == pytest.approx(0.4)
-    assert cosine_lr(0.4, 50, 100) == pytest.approx(0.2)
-    assert cosine_lr(0.4, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(0, 100, 0.4, 0.0) == pytest.approx(0.4)
+    assert cosine(50, 100, 0.4, 0.0) == pytest.approx(0.2)
+    assert cosine(100, 100, 0.4, 0.0) == pytest.approx(0.0, abs=1e-12)
     # the optimiser really uses it: one step of plain SGD from zero weights
     x, y = separable(n=8)
     lrs = []
@@ -148,7 +149,7 @@ def test_lr_scaling_and_cosine_schedule():
     finally:
         torch.optim.SGD = orig
     lr0 = 6.4 * 4 / 16384
-    assert lrs == pytest.approx([cosine_lr(lr0, s, 4) for s in range(4)])
+    assert lrs == pytest.approx([cosine(s, 4, lr0, 0.0) for s in range(4)])
 
 
 def test_epoch_batches_split_global_batch():
@@ -180,6 +181,7 @@ def test_linear_resume_is_bit_for_bit(tmp_path):
         train_linear(x, y, 3, out=str(tmp_path / "b"), resume=True, **{**kw, "batch_size": 8})
 
 
+@pytest.mark.slow
 def test_linear_pixels_on_demo_data(demo_root):
     # measured: 87.8 % top-1 (10 epochs, batch 256, base lr 64 -> lr 1.0); paper defaults
     # (100 epochs, batch 16384, base lr 6.4) give 91.0 %
@@ -189,6 +191,7 @@ def test_linear_pixels_on_demo_data(demo_root):
     assert res["top1"] > 80 and res["top5"] >= res["top1"]
 
 
+@pytest.mark.slow
 def test_linear_cli_augment_resume(tmp_path):
     data = tiny_dataset(tmp_path)
     out = tmp_path / "lin"
@@ -206,6 +209,7 @@ def test_linear_cli_augment_resume(tmp_path):
     assert (b["top1"], b["train_loss"]) == (res["top1"], res["train_loss"])
 
 
+@pytest.mark.slow
 def test_linear_torchrun_two_processes_match_one(demo_root, tmp_path):
     data = os.path.join(demo_root, "mnist_demo")
     args = ["--pixels", "--root", data, "--epochs", 3, "--batch-size", 255]  # uneven last batch

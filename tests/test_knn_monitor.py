@@ -3,21 +3,17 @@ on the target's features, the same with 2 processes as with 1, and it changes no
 the training: weights with it equal weights without it, and a resume stays bit-identical."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from eval.classify import knn_accuracy
 from eval.features import extract_features
-from eval.knn import knn_accuracy
 from eval.knn_monitor import KNNMonitor
-from helpers import ROOT, cpu_env
+from helpers import run_cli
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
-from test_checkpoint import args, assert_identical, run, weights
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from test_checkpoint import args, assert_identical, weights
 
 
 def subset_file(demo_root, path, per_class=10):
@@ -34,6 +30,7 @@ def encoder():
     return MSNEncoder("vit_pico_4", img_size=32, hidden_dim=32, output_dim=16).train()
 
 
+@pytest.mark.slow
 def test_monitor_is_eval_knn_on_the_targets_features(demo_root, tmp_path):
     root = os.path.join(demo_root, "mnist_demo")
     subset = subset_file(demo_root, tmp_path / "subset.txt")
@@ -78,6 +75,7 @@ def test_per_class_subset_is_make_subsets_draw(demo_root, tmp_path):
         KNNMonitor(train, os.path.join(root, "val"), train_root=train, train_per_class=10**6)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(demo_root, tmp_path):
     """Each process extracts every second image (97 and 1000 images: padded shares); rank
     0's accuracy equals one process's."""
@@ -91,10 +89,7 @@ def test_two_processes_equal_one(demo_root, tmp_path):
             "train_root": os.path.join(root, "train"), "state": str(tmp_path / "enc.pt"),
             "out": str(tmp_path / "rank0.json")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "dist_knn_monitor.py"), str(tmp_path / "spec.json")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_cli("tests/dist_knn_monitor.py", tmp_path / "spec.json", nproc=2)
     two = json.loads((tmp_path / "rank0.json").read_text())
     one = KNNMonitor(spec["train"], spec["val"], train_root=spec["train_root"], k=5, crop=32,
                      resize=32, batch_size=16)(enc, torch.device("cpu"), torch.float32)
@@ -102,13 +97,14 @@ def test_two_processes_equal_one(demo_root, tmp_path):
     assert two["knn_top5"] == pytest.approx(one["knn_top5"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path):
     subset = subset_file(demo_root, tmp_path / "subset.txt")
     knn = ["eval.knn_every_steps=2", f"eval.knn_train={subset}", "eval.knn_train_per_class=null",
            "eval.knn_resize=32", "eval.knn_k=5", "logging.tensorboard=true"]
     plain, with_knn, resumed = (str(tmp_path / n) for n in ("plain", "knn", "resumed"))
-    run(args(demo_root, plain, 6))
-    r = run(args(demo_root, with_knn, 6, "zero0_fp32.json", *knn))
+    run_cli("train.py", *args(demo_root, plain, 6))
+    r = run_cli("train.py", *args(demo_root, with_knn, 6, "zero0_fp32.json", *knn))
     assert_identical(weights(plain), weights(with_knn))
     with open(os.path.join(with_knn, "metrics.jsonl")) as f:
         evals = [row for row in map(json.loads, f) if "knn_top1" in row]
@@ -120,14 +116,15 @@ def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path)
     tb.Reload()
     assert [e.step for e in tb.Scalars("eval/knn_top1")] == [2, 4, 6]
     # stopped at 3 (between two evaluations) and resumed: the same weights as straight through
-    run(args(demo_root, resumed, 3, "zero0_fp32.json", *knn))
-    run(args(demo_root, resumed, 6, "zero0_fp32.json", *knn) + ["--resume"])
+    run_cli("train.py", *args(demo_root, resumed, 3, "zero0_fp32.json", *knn))
+    run_cli("train.py", *args(demo_root, resumed, 6, "zero0_fp32.json", *knn), "--resume")
     assert_identical(weights(with_knn), weights(resumed))
 
 
+@pytest.mark.slow
 def test_bad_knn_folder_fails_before_work(demo_root, tmp_path):
     folder = tmp_path / "run"
-    r = run(args(demo_root, str(folder), 2) + ["eval.knn_every_steps=2",
-                                              f"eval.knn_val={tmp_path / 'nope'}"], expect=2)
+    r = run_cli("train.py", *args(demo_root, str(folder), 2), "eval.knn_every_steps=2",
+                f"eval.knn_val={tmp_path / 'nope'}", expect=2)
     assert "eval.knn_val" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
     assert not folder.exists()

@@ -180,6 +180,7 @@ def _loss_and_grads(cfg, views):
                            if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager():
     """meta.compile: the same loss and gradients as eager (aot_eager: the compile path
     without a C++ toolchain; inductor is the same wrapping with generated kernels)."""

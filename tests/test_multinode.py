@@ -20,6 +20,8 @@ import torch
 from helpers import ROOT, cpu_env
 from test_scale import args, flat
 
+pytestmark = pytest.mark.slow  # launches processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 TIMEOUT = 300

@@ -20,6 +20,8 @@ from msn_ds.io.weights import read_weights
 from msn_ds.run_folder import LOCK_NAME, RunFolderError, RunLock
 from test_checkpoint import args
 
+pytestmark = pytest.mark.slow  # launches processes
+
 HOST = socket.gethostname()
 EVERY2 = "logging.checkpoint_every_steps=2"
 

@@ -2,26 +2,13 @@
 and the non-finite-loss guard."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import cpu_env
+from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = cpu_env()
-
-
-def launch(argv, nproc=1, script="train.py", expect=0):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run(launcher + [os.path.join(ROOT, script)] + argv, capture_output=True,
-                       text=True, timeout=600, env=ENV, cwd=ROOT)
-    assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
+pytestmark = pytest.mark.slow  # launches processes
 
 
 def args(demo_root, folder, ds, batch, steps=5, *extra):
@@ -44,7 +31,7 @@ def flat(folder):
 @pytest.fixture(scope="module")
 def one_process(demo_root, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("ws1"))
-    launch(args(demo_root, folder, "zero0_fp32.json", 8))
+    run_cli("train.py", *args(demo_root, folder, "zero0_fp32.json", 8))
     return folder
 
 
@@ -62,7 +49,7 @@ def test_world_size_invariance(demo_root, one_process, tmp_path, ds):
     BatchNorm per size group sums smaller groups: 6.1e-5 measured at step 5).
     """
     folder = str(tmp_path / "ws2")
-    launch(args(demo_root, folder, ds, 4), nproc=2)
+    run_cli("train.py", *args(demo_root, folder, ds, 4), nproc=2)
     a, b = flat(one_process), flat(folder)
     rel = ((a - b).norm() / a.norm()).item()
     assert rel < 1.5e-4, rel  # measured: 1.13e-4 (ZeRO-1, ZeRO-2), 1.11e-4 (ZeRO-3)
@@ -79,16 +66,16 @@ def test_world_size_invariance(demo_root, one_process, tmp_path, ds):
 
 def test_nonfinite_losses_are_skipped_then_stop(demo_root, tmp_path):
     folder = str(tmp_path / "skip")
-    launch(["nan-from", "2:2"] + args(demo_root, folder, "zero0_fp32.json", 8, 5,
-                                      "meta.nonfinite_patience=3"), script="tests/train_with_faults.py")
+    run_cli("tests/train_with_faults.py", "nan-from", "2:2",
+            *args(demo_root, folder, "zero0_fp32.json", 8, 5, "meta.nonfinite_patience=3"))
     rows = metrics(folder)
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 0]
     assert all(torch.isfinite(torch.tensor(v)) for v in flat(folder).tolist()[:1000])
 
     folder = str(tmp_path / "stop")
-    r = launch(["nan-from", "1:10"] + args(demo_root, folder, "zero0_fp32.json", 8, 8,
-                                           "meta.nonfinite_patience=3"),
-               script="tests/train_with_faults.py", expect=3)
+    r = run_cli("tests/train_with_faults.py", "nan-from", "1:10",
+                *args(demo_root, folder, "zero0_fp32.json", 8, 8, "meta.nonfinite_patience=3"),
+                expect=3)
     assert "3 consecutive non-finite losses (last at step 3); stopping" in r.stderr
     with open(os.path.join(folder, "latest")) as f:
         # the last good state: 1 real step + 3 skipped (the step that completes the run of
@@ -99,10 +86,10 @@ def test_nonfinite_losses_are_skipped_then_stop(demo_root, tmp_path):
 def test_zero3_resume_is_bit_identical(demo_root, tmp_path):
     """Two processes, ZeRO-3: the target's fp32 slices are saved per process and restored."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    launch(args(demo_root, straight, "zero3_fp32.json", 4, 4), nproc=2)
-    launch(args(demo_root, resumed, "zero3_fp32.json", 4, 2), nproc=2)
+    run_cli("train.py", *args(demo_root, straight, "zero3_fp32.json", 4, 4), nproc=2)
+    run_cli("train.py", *args(demo_root, resumed, "zero3_fp32.json", 4, 2), nproc=2)
     assert os.path.isfile(os.path.join(resumed, "global_step2", "msn_rank1.pt"))
-    launch(args(demo_root, resumed, "zero3_fp32.json", 4, 4) + ["--resume"], nproc=2)
+    run_cli("train.py", *args(demo_root, resumed, "zero3_fp32.json", 4, 4), "--resume", nproc=2)
     assert torch.equal(flat(straight), flat(resumed))
 
 
@@ -115,14 +102,15 @@ def test_resume_at_another_world_size(demo_root, one_process, tmp_path, ds, tol)
     order; the weights match one process throughout to rounding (measured 1.09e-4 and 1.12e-4
     relative for ZeRO-0/1 at step 5, 2.9e-4 for ZeRO-3 at step 6 of the same setup)."""
     folder = str(tmp_path / "run")
-    launch(args(demo_root, folder, ds, 4, 3), nproc=2)
-    r = launch(args(demo_root, folder, ds, 8, 5) + ["--resume"])
+    run_cli("train.py", *args(demo_root, folder, ds, 4, 3), nproc=2)
+    r = run_cli("train.py", *args(demo_root, folder, ds, 8, 5), "--resume")
     assert "resumed at step 3" in r.stderr and "(2 processes)" in r.stderr
     rows1 = {row["step"]: row for row in metrics(one_process)}
     for row in metrics(folder)[-2:]:
         assert row["loss"] == pytest.approx(rows1[row["step"]]["loss"], rel=tol)
     a, b = flat(one_process), flat(folder)
     assert ((a - b).norm() / a.norm()).item() < tol
-    r = launch(args(demo_root, folder, ds, 4, 6) + ["--resume"], expect=2)  # global batch 4 != 8
+    # global batch 4 != 8
+    r = run_cli("train.py", *args(demo_root, folder, ds, 4, 6), "--resume", expect=2)
     assert "saved with a global batch of 8 (1 processes x 8)" in r.stderr
     assert "set criterion.batch_size=8" in r.stderr

@@ -102,6 +102,7 @@ def test_monitor_names_a_tensor_on_another_device(tmp_path):
         monitor.update({"loss": torch.zeros((), device=META), "skipped": torch.tensor(0.0)})
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_on_the_device():
     """On the CPU, with the real fused AdamW: a NaN loss leaves the weights and the target
     bit-identical, with no host read; the host learns of it from ``poll``."""
@@ -137,6 +138,7 @@ def test_patience_and_stop_flags_are_read_a_step_behind():
     assert flags.ready() == [(3, [1.0, -1.0])] and flags.ready() == []
 
 
+@pytest.mark.slow
 def test_spy_counts_no_host_sync_outside_logging_steps(tmp_path):
     """Real DeepSpeed engines (ZeRO-0 fp32 and ZeRO-1 bf16, one process): the step calls no
     .item(), .cpu(), .tolist(), .numpy(), bool/float/int(tensor) from msn_ds's code except
@@ -197,6 +199,7 @@ def test_backend_from_the_accelerator_and_gpu_pinned_first(monkeypatch, name, ba
     assert D.step_device() == (torch.device("cuda", 3) if name == "cuda" else torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_cpu_accelerator_gives_gloo_in_a_real_process():
     code = ("from msn_ds import distributed as D; import torch.distributed as dist; "
             "D.setup_env(); D.init_process_group(); print(dist.get_backend(), D.step_device()); "

@@ -2,7 +2,6 @@
 (torchrun, gloo), bf16, and the reference's own ViT-S/16 config."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,27 +10,14 @@ import torch
 from msn_ds.config import load_config
 from msn_ds.io.weights import load_encoder
 from msn_ds.monitor.flops import StepShape
-from helpers import cpu_env
+from helpers import run_cli
+
+pytestmark = pytest.mark.slow  # launches processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = cpu_env()
-
-
-def train(args, nproc=1, timeout=600, launcher="torchrun"):
-    script = os.path.join(ROOT, "train.py")
-    if nproc == 1:
-        launcher = [sys.executable]
-    elif launcher == "deepspeed":  # DeepSpeed's own launcher, as users run it
-        launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"),
-                    f"--num_gpus={nproc}", "--master_port=29611"]
-    else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={nproc}"]
-    r = subprocess.run(launcher + [script] + args, capture_output=True, text=True,
-                       timeout=timeout, env=ENV, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
-
+# DeepSpeed's own launcher, as users run it (torchrun otherwise)
+DEEPSPEED = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus=2",
+             "--master_port=29611"]
 
 # vit_pico_4 with the demo's views (2 x 32 px, 4 x 16 px), K=256: msn_ds.monitor.flops formula
 FLOPS_PER_IMAGE = StepShape.from_config(load_config(os.path.join(ROOT, "configs/demo_cpu.yaml"),
@@ -45,10 +31,10 @@ def metrics(folder):
 
 def test_training_lowers_the_loss(demo_root, tmp_path):
     run = str(tmp_path / "run")
-    train(["--config", "configs/demo_cpu.yaml", "--deepspeed_config", "ds_configs/zero0_fp32.json",
-           "--max-steps", "30", f"data.root_path={demo_root}", f"logging.folder={run}",
-           "logging.log_every=5", "criterion.batch_size=32", "data.num_workers=1",
-           "logging.peak_tflops=0.5"])
+    run_cli("train.py", "--config", "configs/demo_cpu.yaml", "--deepspeed_config",
+            "ds_configs/zero0_fp32.json", "--max-steps", "30", f"data.root_path={demo_root}",
+            f"logging.folder={run}", "logging.log_every=5", "criterion.batch_size=32",
+            "data.num_workers=1", "logging.peak_tflops=0.5")
     rows = metrics(run)
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     first, last = rows[0]["loss"], rows[-1]["loss"]
@@ -85,10 +71,11 @@ def test_two_processes_lower_the_loss(demo_root, tmp_path, ds_config, launcher, 
     loss (ZeRO-3 with activation checkpointing and token dropping; ZeRO-3 with optimiser and
     parameters offloaded, which uses DeepSpeedCPUAdam)."""
     run = str(tmp_path / "run")
-    r = train(["--config", "configs/demo_cpu.yaml", "--deepspeed_config", f"ds_configs/{ds_config}",
-               "--max-steps", "6", f"data.root_path={demo_root}", f"logging.folder={run}",
-               "logging.log_every=2", "criterion.batch_size=8", "data.num_workers=0", *extra],
-              nproc=2, launcher=launcher)
+    r = run_cli("train.py", "--config", "configs/demo_cpu.yaml", "--deepspeed_config",
+                f"ds_configs/{ds_config}", "--max-steps", "6", f"data.root_path={demo_root}",
+                f"logging.folder={run}", "logging.log_every=2", "criterion.batch_size=8",
+                "data.num_workers=0", *extra, nproc=2,
+                launcher=DEEPSPEED if launcher == "deepspeed" else None)
     rows = metrics(run)
     assert [row["step"] for row in rows] == [2, 4, 6]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [row["loss"] for row in rows]
@@ -100,10 +87,10 @@ def test_reference_vits16_config_trains(demo_root, tmp_path):
     """The reference's msn_vits16.yaml with only paths, folder, workers, epochs, batch size
     overridden: ViT-S/16, 224/96 views, 10 focal views, 1024 prototypes."""
     run = str(tmp_path / "run")
-    train(["--config", "configs/pretrain/msn_vits16.yaml", "--deepspeed_config",
-           "ds_configs/zero0_fp32.json", "--max-steps", "2", f"data.root_path={demo_root}",
-           "data.image_folder=mnist_demo", f"logging.folder={run}", "data.num_workers=0",
-           "optimization.epochs=1", "criterion.batch_size=2", "logging.log_every=1"])
+    run_cli("train.py", "--config", "configs/pretrain/msn_vits16.yaml", "--deepspeed_config",
+            "ds_configs/zero0_fp32.json", "--max-steps", "2", f"data.root_path={demo_root}",
+            "data.image_folder=mnist_demo", f"logging.folder={run}", "data.num_workers=0",
+            "optimization.epochs=1", "criterion.batch_size=2", "logging.log_every=1")
     rows = metrics(run)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[0]["np"] >= 1

@@ -59,6 +59,7 @@ def test_ds_config_must_be_an_object(tmp_path):
         read_ds_config(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_text,overrides,message", [
     ('[{"zero_optimization": {"stage": 1}}]', [], "must be a JSON object"),
     ('{"zero_optimisation": {"stage": 3}}', [], "did you mean 'zero_optimization'"),

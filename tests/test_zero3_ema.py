@@ -1,23 +1,16 @@
 """The EMA on ZeRO-3 slices (2 processes, gloo): equal to an unsharded EMA, with no
 collective during the update; the target engine then computes with the averaged weights."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from helpers import cpu_env
+from helpers import run_cli
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.slow  # launches processes
 
 
 @pytest.mark.parametrize("dtype,out_tol", [("fp32", 1e-5), ("bf16", 2e-2)])
 def test_sharded_ema_equals_unsharded(tmp_path, dtype, out_tol):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", os.path.join(HERE, "dist_zero3_ema.py"), dtype,
-                        str(tmp_path)], capture_output=True, text=True, timeout=600,
-                       env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_cli("tests/dist_zero3_ema.py", dtype, tmp_path, nproc=2)
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
             res = json.load(f)

@@ -11,9 +11,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from msn_ds import trainer  # noqa: E402
+from helpers import load_script
+from msn_ds import trainer
+
+train = load_script("train.py")
 
 
 def main():

@@ -11,11 +11,12 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
+import torch
 
-import train  # noqa: E402
-from msn_ds import trainer  # noqa: E402
+from helpers import load_script
+from msn_ds import trainer
+
+train = load_script("train.py")
 
 
 def main():
