@@ -308,8 +308,7 @@ def _check_views(data: dict, patch: int, fail) -> None:
              f"a {data['rand_size']}-px view at patch {patch}")
     if data["focal_views"] and data["focal_size"] >= data["rand_size"]:
         fail("data.focal_size", f"= {data['focal_size']} must be smaller than data.rand_size = "
-             f"{data['rand_size']} (focal views are told apart by size; only the random "
-             "anchor views are masked)")
+             f"{data['rand_size']} (MSN's focal views are small crops of local detail)")
 
 
 def train_folder(cfg: dict) -> str:
