@@ -368,14 +368,16 @@ def test_views_grid_greys_the_dropped_patches(folder):
             assert ((a - b) * STD).abs().mean() < 0.05
 
 
-def dali_loader(root, batch, host_workers):
+def dali_loader(root, batch, host_workers, pipelines=1):
     """A CPU DALI loader over ``write_bad_folder``'s files whose probe is told that
     notimage.png is a plain JPEG/PNG, so that DALI fails on it and ``_recover`` runs."""
     from msn_ds.data.dali import DaliMultiCropLoader
 
     ds = MultiViewImageFolder(root, MultiCropTransform(32, 16, 1, 2), seed=0)
-    loader = DaliMultiCropLoader(ds, GlobalBatchSampler(len(ds), batch, seed=0), num_threads=1,
-                                 host_workers=host_workers)
+    loader = DaliMultiCropLoader(ds, GlobalBatchSampler(len(ds), batch, seed=0),
+                                 num_threads=pipelines, host_workers=host_workers,
+                                 pipelines=pipelines)
+    assert loader.pipelines == pipelines
     notimage = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("notimage.png")][0]
     loader._status[notimage], loader._shape[notimage] = 1, (10, 10)  # a probe miss: _recover
     return loader
@@ -469,3 +471,42 @@ if __name__ == "__main__":
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2 and wait_gone(pids, 30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipelines,host_workers", [(2, 0), (3, 2)])
+def test_pipelines_yield_the_same_batches(tmp_path, pipelines, host_workers):
+    """Batches dealt in turn to several DALI pipelines come out as one pipeline gives them:
+    through a DALI decode failure (_recover, which rebuilds them all), epochs whose batch
+    count is not a multiple of the pipelines, a mid-epoch resume and an epoch left early."""
+    pytest.importorskip("nvidia.dali")
+    write_bad_folder(tmp_path / "train")
+    root = str(tmp_path / "train")
+    ref, par = dali_loader(root, 2, 0), dali_loader(root, 2, host_workers, pipelines)
+    plan = [(0, 0, None), (1, 3, None), (2, 0, 4), (3, 1, None), (4, 7, None)]
+    for e, start, stop in plan:  # 8 batches an epoch: 8, 5, 4 (left), 7, 1
+        a, b = epoch(ref, e, start, stop), epoch(par, e, start, stop)
+        assert len(a) == len(b) == (stop or 8 - start), e
+        for (av, al, ask), (bv, bl, bsk) in zip(a, b):
+            assert all(torch.equal(x, y) for x, y in zip(av, bv)), e
+            assert torch.equal(al, bl) and ask == bsk, e
+        assert not par._inflight  # nothing computed ahead survives the epoch
+        if stop is None:  # a whole epoch dealt every batch it computed, and yielded it
+            assert not any(par._ready) and not par._pending
+    # the same files; found in another order, as the host reads further ahead of DALI
+    assert sorted(ref.bad_files) == sorted(par.bad_files) and len(par.bad_files) == 5
+    assert np.array_equal(ref._status, par._status)
+    par.close()
+
+
+def test_pipelines_default_by_device(tmp_path):
+    """Two CPU pipelines (never more than the threads), one on a GPU."""
+    from msn_ds.data.dali import DaliMultiCropLoader
+
+    (tmp_path / "c").mkdir()
+    smooth_image(np.random.default_rng(0), 40, 40).save(tmp_path / "c" / "a.png")
+    ds = MultiViewImageFolder(str(tmp_path), MultiCropTransform(32, 16, 1, 2), seed=0)
+    sampler = GlobalBatchSampler(len(ds), 1, seed=0)
+    assert DaliMultiCropLoader(ds, sampler, num_threads=4).pipelines == 2
+    assert DaliMultiCropLoader(ds, sampler, num_threads=1).pipelines == 1
+    assert DaliMultiCropLoader(ds, sampler, num_threads=4, device_id=0).pipelines == 1

@@ -52,9 +52,9 @@ def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, wor
         # replay the views' random draws off the training thread (capped: ~0.4 GB each)
         it = DaliMultiCropLoader(dataset, sampler, num_threads=max(1, data["num_workers"]),
                                  device_id=device_id, host_workers=min(data["num_workers"], 4))
-        log.info("data: DALI loader (%s, %d threads, %d host workers)",
+        log.info("data: DALI loader (%s, %d threads in %d pipelines, %d host workers)",
                  "CPU" if device_id is None else f"GPU {device_id}", it.num_threads,
-                 it.host_workers)
+                 it.pipelines, it.host_workers)
         return dataset, sampler, it
     it = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=data["num_workers"],
