@@ -17,7 +17,8 @@ import torch
 from msn_ds import distributed as D
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
-from msn_ds.data.loader import build_pretrain_loader
+from msn_ds.data.loader import (build_pretrain_loader, count_unreadable,
+                                 count_unreadable_everywhere)
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.engine import check_init_weights, configure_precision
 from msn_ds.io.atomic import SaveError
@@ -190,9 +191,13 @@ def main(argv=None) -> int:
         for views, _, skipped in loader:
             data_wait = time.perf_counter() - waited_since
             if skipped:  # only a batch that passed over a bad file can have found a new one
-                bad_images = check_bad_images(dataset, loader, bad_images, stop,
-                                              cfg["data"]["max_bad_fraction"])
-            out = trainer.step(views, step, log=monitor.due(step + 1), stop=stop.flag)
+                n = count_unreadable(dataset, loader)
+                if n > bad_images:
+                    log.warning("%d distinct unreadable images skipped on this process so "
+                                "far (%s)", n, dataset.root)
+                bad_images = n
+                check_bad_fraction(n, dataset, cfg["data"]["max_bad_fraction"], stop)
+            out = trainer.step(views, step, log=monitor.due(step + 1), stop=stop.level)
             step += 1
             monitor.update(dict(out.stats, loss=out.loss, skipped=out.skipped),
                            data_wait=data_wait)
@@ -211,11 +216,14 @@ def main(argv=None) -> int:
             if knn is not None and step % cfg["eval"]["knn_every_steps"] == 0:
                 monitor.log_eval(step, knn(target, device, trainer.target_dtype) or {},
                                  knn.describe)
-            if due:
-                monitor.log(step, epoch, out.sched, extra={"bad_images": global_count(bad_images)})
+            if due:  # every process counts the same union, so all of them stop alike
+                everywhere = count_unreadable_everywhere(dataset, loader)
+                check_bad_fraction(everywhere, dataset, cfg["data"]["max_bad_fraction"], stop,
+                                   where="by all processes")
+                monitor.log(step, epoch, out.sched, extra={"bad_images": everywhere})
             if checkpoint:
                 save()
-            if stop.flag and D.world_size() == 1 or trainer.stop_agreed:
+            if stop.flag and D.world_size() == 1 or trainer.stop_level:
                 log.warning("stop requested (%s): saving at step %d and exiting",
                             stop.received or "another process", step)
                 stop.flag = True
@@ -228,36 +236,25 @@ def main(argv=None) -> int:
         save()
     save_weights_file(cfg, os.path.join(folder, f"global_step{step}"))
     monitor.close()
-    D.cleanup()
     claim.release()
-    return 0
+    D.cleanup()  # a barrier first: all are done before one exits (and its launcher, if it
+    # failed, stops the rest)
+    # a run stopped by its data ends in error, after saving: a requeue must not resume it
+    return 2 if max(stop.level, trainer.stop_level) >= D.StopRequest.FAILURE else 0
 
 
-def global_count(n: int) -> float:
-    """Sum of a per-process count over processes (at log intervals only: it synchronises)."""
-    t = torch.tensor([float(n)], device=D.comm_device(), dtype=torch.float64)
-    return float(D.all_reduce_sum_(t).item())
-
-
-def check_bad_images(dataset, loader, known: int, stop, max_fraction: float) -> int:
-    """The distinct unreadable images found so far on this process (each file counted once:
-    the loaders remember them and skip them unread in later epochs). Above
-    ``data.max_bad_fraction`` of the images, ask for a stop through ``stop``: the step carries
-    it to every process, so all of them save the last good state together and exit, as on
-    SIGTERM, with the reason in the log."""
-    from msn_ds.data.loader import count_unreadable
-
-    n = count_unreadable(dataset, loader)
-    if n > known:
-        log.warning("%d distinct unreadable images skipped on this process so far (%s)", n,
-                    dataset.root)
-    if n > max_fraction * len(dataset) and not stop.flag:
+def check_bad_fraction(n: int, dataset, max_fraction: float, stop,
+                       where: str = "on this process") -> None:
+    """``n`` distinct unreadable images found (each file counted once: the loaders remember
+    them and skip them unread in later epochs). Above ``data.max_bad_fraction`` of the
+    images, fail through ``stop``: the step carries it to every process, so all of them save
+    the last good state together and exit with status 2, the reason in the log."""
+    if n > max_fraction * len(dataset) and stop.level < stop.FAILURE:
         reason = (f"data.max_bad_fraction={max_fraction} exceeded: {n} distinct unreadable "
-                  f"images of {len(dataset)} in {dataset.root} (scripts/check_dataset.py "
-                  "lists them)")
+                  f"images of {len(dataset)} found {where} in {dataset.root} "
+                  "(scripts/check_dataset.py lists them)")
         log.error("%s; saving the last good state and stopping", reason)
-        stop.flag, stop.received = True, reason
-    return n
+        stop.fail(reason)
 
 
 def save_weights_file(cfg: dict, checkpoint: str) -> None:

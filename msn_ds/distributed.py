@@ -139,6 +139,16 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return _AllReduceMean.apply(x)
 
 
+def from_main(value):
+    """Collective: rank 0's ``value`` (picklable) on every process; what rank 0 found out
+    alone (an error included), so that all act alike and none waits for it."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -178,12 +188,20 @@ class StopRequest:
     """SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit warnings) set a flag. The
     training step carries it to every process inside the all-reduce it makes anyway
     (``MSNTrainer.step``/``poll``), so that all processes save and stop at the same step
-    without a host sync of their own."""
+    without a host sync of their own.
+
+    ``level`` says how the run ends once saved: ``SIGNAL`` with exit status 0 (pre-emption:
+    the scheduler requeues and the run resumes), ``FAILURE`` with 2 (the run cannot go on,
+    e.g. too much unreadable data: a requeue must not take it for a clean finish). Processes
+    agree on the highest level any of them asked for."""
+
+    SIGNAL, FAILURE = 1, 2
 
     def __init__(self, signals=("SIGTERM", "SIGUSR1")):
         import signal
 
         self.flag = False
+        self.level = 0
         self.received: str | None = None
         for name in signals:
             if hasattr(signal, name):
@@ -193,4 +211,9 @@ class StopRequest:
         import signal
 
         self.flag = True
+        self.level = max(self.level, self.SIGNAL)
         self.received = signal.Signals(signum).name
+
+    def fail(self, reason: str) -> None:
+        """Stop because the run cannot go on (exit status 2 after saving)."""
+        self.flag, self.level, self.received = True, self.FAILURE, reason

@@ -334,14 +334,9 @@ def claim_everywhere(folder: str, resume: Optional[str], overwrite: bool) -> Cla
             error = f"logging.folder {folder}: {e}"
         except Exception as e:  # still tell the other processes, or they would wait forever
             error = f"logging.folder {folder}: {type(e).__name__}: {e}"
-    if D.world_size() > 1:
-        import torch.distributed as dist
-
-        box = [(error, None if result is None else result.resume_from)]
-        dist.broadcast_object_list(box, src=0)
-        error, resume_from = box[0]
-        if not D.is_main():
-            result = Claim(resume_from=resume_from)
+    error, resume_from = D.from_main((error, None if result is None else result.resume_from))
+    if not D.is_main():
+        result = Claim(resume_from=resume_from)
     if error is not None:
         raise RunFolderError(error)
     return result

@@ -151,12 +151,17 @@ class MSNTrainer:
         self.seed = seed
         self.nonfinite_patience = nonfinite_patience
         self.nonfinite_run = 0
-        self.stop_agreed = False
+        self.stop_level = 0
         self.device = torch.device(engine.device)
         self.flags = HostFlags(self.device)
         self.optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
         self.gated = bool(getattr(self.optimizer, "defaults", {}).get("fused"))
         self.target_dtype = next(self.target.parameters()).dtype
+        # BatchNorm running statistics of both encoders: the forward updates them before the
+        # step is known to be finite, so a skipped step puts them back (on the device)
+        self.norm_stats = [b for module in (self.model, self.target) for m in module.modules()
+                           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                           for b in m.buffers()]
 
     @property
     def model(self) -> MSNModel:
@@ -173,12 +178,14 @@ class MSNTrainer:
                 group["weight_decay"] = wd
 
     def step(self, views: list[torch.Tensor], step: int, log: bool = False,
-             stop: bool = False) -> StepOutput:
+             stop: int = 0) -> StepOutput:
         """One update. ``log``: a logging step, where the gradient norm is read (the one
-        place a host sync is allowed). ``stop``: this process wants to stop (a signal)."""
+        place a host sync is allowed). ``stop``: this process wants to stop, at this
+        :class:`~msn_ds.distributed.StopRequest` level (0: it does not)."""
         sched = self.schedules.at(step)
         self.set_hparams(sched["lr"], sched["wd"])
         views = [v.to(self.device, non_blocking=True) for v in views]
+        norm_stats = [b.clone() for b in self.norm_stats]
 
         with torch.no_grad():
             target_z = self.target(views[0].to(self.target_dtype))
@@ -191,6 +198,9 @@ class MSNTrainer:
         flags = self._agree(loss, stop)
         finite = flags[0]
         self.flags.push(step, flags)
+        with torch.no_grad():
+            for now, before in zip(self.norm_stats, norm_stats):
+                now.copy_(torch.where(finite > 0.5, now, before))
 
         if self.gated:
             self.engine.backward(loss)
@@ -211,20 +221,21 @@ class MSNTrainer:
                 stats["grad_norm"] = grad_norm
         return StepOutput(loss.detach(), stats, sched, skipped=1.0 - finite)
 
-    def _agree(self, loss: torch.Tensor, stop: bool) -> torch.Tensor:
-        """``[finite, -stop]`` reduced with MIN over processes: the loss is finite
-        everywhere, and some process asked to stop. Stays on the device."""
+    def _agree(self, loss: torch.Tensor, stop: int) -> torch.Tensor:
+        """``[finite, -stop level]`` reduced with MIN over processes: the loss is finite
+        everywhere, and the highest stop level asked for. Stays on the device."""
         finite = torch.isfinite(loss.detach()).all().to(torch.float32)
-        flags = torch.stack([finite, torch.full_like(finite, -1.0 if stop else 0.0)])
+        flags = torch.stack([finite, torch.full_like(finite, -float(stop))])
         if D.world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
         return flags
 
     def poll(self, upto: Optional[int] = None) -> list[tuple[int, int]]:
         """Read the flags of the steps ``<= upto`` (all when None): returns ``(step, skips in
-        a row)`` for the steps that were skipped, sets :attr:`stop_agreed`, and raises FloatingPointError after
-        ``nonfinite_patience`` consecutive skips. Every process reads the same reduced
-        flags at the same step, so all of them stop together."""
+        a row)`` for the steps that were skipped, raises :attr:`stop_level` to the level
+        agreed, and raises FloatingPointError after ``nonfinite_patience`` consecutive
+        skips. Every process reads the same reduced flags at the same step, so all of them
+        stop together."""
         skipped = []
         for step, (finite, neg_stop) in self.flags.ready(upto):
             if finite < 0.5:
@@ -235,7 +246,7 @@ class MSNTrainer:
                                              f"losses (last at step {step}); stopping")
             else:
                 self.nonfinite_run = 0
-            self.stop_agreed = self.stop_agreed or neg_stop < -0.5
+            self.stop_level = max(self.stop_level, round(-neg_stop))
         return skipped
 
     def _grad_norm_stage0(self) -> Optional[torch.Tensor]:

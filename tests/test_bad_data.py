@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT, cpu_env, write_folder
+from helpers import ROOT, cpu_env, run_cli, write_folder
 from msn_ds.config import defaults
 from msn_ds.data.dataset import MultiViewImageFolder, eval_folder, list_images, load_rgb
 from msn_ds.data.loader import build_pretrain_loader, count_unreadable
+from msn_ds.data.sampler import GlobalBatchSampler
 from msn_ds.data.transforms import eval_transform
 
 CHECK = str(ROOT / "scripts" / "check_dataset.py")
@@ -189,13 +190,51 @@ def test_too_many_bad_files_save_and_stop_with_a_message(tmp_path):
                                  "data.max_bad_fraction=0.15"),
                        capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
     assert "Traceback" not in r.stderr, r.stderr[-4000:]
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 2, r.stderr[-4000:]  # saved, then an error: no requeue resumes it
     assert ("data.max_bad_fraction=0.15 exceeded: 2 distinct unreadable images of 9"
             in r.stderr), r.stderr[-4000:]
     steps = [int(d.name[len("global_step"):]) for d in run.iterdir()
              if d.name.startswith("global_step")]
     assert len(steps) == 1 and 1 <= steps[0] <= 3, steps  # stopped in the first epoch, saved
     assert (run / "latest").read_text().strip() == f"global_step{steps[0]}"
+
+
+@pytest.mark.slow
+def test_two_processes_count_a_file_once_and_stop_together(tmp_path):
+    """2 processes (torchrun, gloo). One bad file in 9, met by both processes in different
+    epochs: ``bad_images`` is the union, 1, not the sum. Two bad files, one in each
+    process's first batch (each under data.max_bad_fraction on its own): the union exceeds
+    it, and both processes save the same step and exit in error."""
+    base, run = data_root(tmp_path, bad=1), tmp_path / "run"
+    args = train_cmd(base, run, "optimization.epochs=4", "data.num_workers=0",
+                     "data.max_bad_fraction=0.15", batch=2)[1:]
+    r = run_cli(*args, nproc=2, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("1 distinct unreadable images skipped on this process") == 2
+    rows = metrics(run)
+    assert rows[-1]["bad_images"] == 1 and all(m["bad_images"] <= 1 for m in rows)
+
+    # bad: a/img001 and a/img003 (indices 1, 3). The first step deals indices 1 and 5 to
+    # process 0 (1 is replaced by 2) and 0 and 3 to process 1 (3 by 4): one bad file each
+    firsts = []
+    for rank in (0, 1):
+        sampler = GlobalBatchSampler(9, 2, 2, rank, seed=0)
+        sampler.set_epoch(0)
+        firsts.append([i for _, i in sampler][:2])
+    assert firsts == [[1, 5], [0, 3]]
+    base, run = data_root(tmp_path / "two"), tmp_path / "run2"
+    for name in ("img001.png", "img003.png"):
+        (base / "ds" / "train" / "a" / name).write_bytes(b"\x89PNG truncated")
+    args = train_cmd(base, run, "optimization.epochs=4", "data.num_workers=0",
+                     "data.max_bad_fraction=0.15", batch=2)[1:]
+    r = run_cli(*args, nproc=2, check=False)
+    assert r.returncode != 0, r.stderr[-4000:]  # 2 from train.py; torchrun reports 1
+    assert 'train.py", line' not in r.stderr, r.stderr[-4000:]  # no traceback of ours
+    assert r.stderr.count("1 distinct unreadable images skipped on this process") == 2
+    assert "exceeded: 2 distinct unreadable images of 9 found by all processes" in r.stderr
+    assert r.stderr.count("stop requested") == 2, r.stderr[-4000:]
+    assert (run / "latest").read_text().strip() == "global_step2"  # the step after the log
+    assert (run / "global_step2").is_dir()
 
 
 @pytest.mark.slow

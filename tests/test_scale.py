@@ -114,3 +114,18 @@ def test_resume_at_another_world_size(demo_root, one_process, tmp_path, ds, tol)
     r = run_cli("train.py", *args(demo_root, folder, ds, 4, 6), "--resume", expect=2)
     assert "saved with a global batch of 8 (1 processes x 8)" in r.stderr
     assert "set criterion.batch_size=8" in r.stderr
+
+
+def test_failed_conversion_fails_every_process(demo_root, tmp_path):
+    """Resumed by 2 processes from one process's ZeRO-1 checkpoint, the conversion to the
+    universal format (rank 0 alone) fails: its output path is taken by a file. Every process
+    exits with rank 0's reason, none waits for it at a barrier."""
+    folder = tmp_path / "run"
+    run_cli("train.py", *args(demo_root, folder, "zero1_fp32.json", 8, 1))
+    (folder / "global_step1.universal.tmp").write_text("in the way")
+    r = run_cli("train.py", *args(demo_root, folder, "zero1_fp32.json", 4, 2), "--resume",
+                nproc=2, check=False, timeout=300)
+    assert r.returncode != 0 and 'train.py", line' not in r.stderr, r.stderr[-4000:]
+    assert r.stderr.count("cannot resume: ") == 2, r.stderr[-4000:]
+    assert "conversion to the universal format for 2 processes failed" in r.stderr
+    assert not (folder / "global_step1.universal").exists()

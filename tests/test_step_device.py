@@ -102,10 +102,16 @@ def test_monitor_names_a_tensor_on_another_device(tmp_path):
         monitor.update({"loss": torch.zeros((), device=META), "skipped": torch.tensor(0.0)})
 
 
+def state(*modules):
+    """Parameters and buffers (BatchNorm running statistics included), detached copies."""
+    return [t.detach().clone() for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
 @pytest.mark.slow
 def test_nonfinite_step_is_skipped_on_the_device():
-    """On the CPU, with the real fused AdamW: a NaN loss leaves the weights and the target
-    bit-identical, with no host read; the host learns of it from ``poll``."""
+    """On the CPU, with the real fused AdamW: a NaN loss, or a NaN pixel that reaches the
+    heads' BatchNorm statistics, leaves the weights, the target and the BatchNorm running
+    statistics bit-identical, with no host read; the host learns of it from ``poll``."""
     cfg = demo_cfg()
     model, target = build_models(cfg)
     engine = MetaEngine(model)
@@ -113,20 +119,29 @@ def test_nonfinite_step_is_skipped_on_the_device():
     engine.optimizer = engine.basic_optimizer = torch.optim.AdamW(param_groups(model), fused=True)
     trainer = MSNTrainer(engine, target, PlainEMA(target, model.encoder), build_criterion(cfg),
                          build_schedules(cfg, steps_per_epoch=10), **step_options(cfg))
+    assert len(trainer.norm_stats) >= 6  # both heads' BatchNorm: mean, var, count each
     trainer.step(views(cfg), 0)
-    before = [p.detach().clone() for p in list(model.parameters()) + list(target.parameters())]
+    before = state(model, target)
     real = trainer.criterion.forward
     trainer.criterion.forward = lambda *a: (lambda loss, stats: (loss * float("nan"), stats))(
         *real(*a))
     out = trainer.step(views(cfg), 1)
-    after = list(model.parameters()) + list(target.parameters())
     assert out.skipped.item() == 1.0
-    assert all(torch.equal(b, a) for b, a in zip(before, after))
+    assert all(torch.equal(b, a) for b, a in zip(before, state(model, target)))
     assert trainer.poll() == [(1, 1)] and trainer.nonfinite_run == 1
     trainer.criterion.forward = real
-    out = trainer.step(views(cfg), 2)
+    bad = views(cfg)
+    for v in bad:
+        v[0, 0, 0, 0] = float("nan")
+    out = trainer.step(bad, 2)
+    assert out.skipped.item() == 1.0
+    assert all(torch.equal(b, a) for b, a in zip(before, state(model, target)))
+    assert trainer.poll() == [(2, 2)] and trainer.nonfinite_run == 2
+    out = trainer.step(views(cfg), 3)
     assert out.skipped.item() == 0.0 and trainer.poll() == [] and trainer.nonfinite_run == 0
-    assert not all(torch.equal(b, a) for b, a in zip(before, model.parameters()))
+    after = state(model, target)
+    assert not all(torch.equal(b, a) for b, a in zip(before, after))
+    assert all(torch.isfinite(t.float()).all() for t in after)
 
 
 def test_patience_and_stop_flags_are_read_a_step_behind():

@@ -336,8 +336,8 @@ class DaliMultiCropLoader:
         self._forced: dict = {}  # file -> (status, h, w) from _recover; replaced, not mutated,
         # as queued worker tasks hold it
         self._copied = None  # CUDA event after the last copy out of DALI
-        self._bad: set[int] = set()
-        self.bad_files: list[str] = []
+        self.bad_indices: set[int] = set()  # unreadable files found, as dataset indices
+        self.bad_files: list[str] = []  # the same, as paths in the order found
 
     @property
     def view_sizes(self) -> list[int]:
@@ -431,8 +431,8 @@ class DaliMultiCropLoader:
 
     def _mark_bad(self, i: int, reason: str) -> None:
         self._status[i] = BAD
-        if i not in self._bad:
-            self._bad.add(i)
+        if i not in self.bad_indices:
+            self.bad_indices.add(i)
             self.bad_files.append(self.dataset.samples[i][0])
             log.warning("skipping unreadable image %s: %s", self.dataset.samples[i][0], reason)
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .. import distributed as D
 from .dali import DaliMultiCropLoader, dali_available
 from .dataset import MultiViewImageFolder, collate_views
 from .sampler import GlobalBatchSampler
@@ -34,8 +35,25 @@ def count_unreadable(dataset, loader) -> int:
     """How many distinct unreadable files were found so far, each counted once however many
     epochs passed over it: the DALI loader's own record, else the dataset's shared mask (the
     torch loader's workers write it). Cheap enough for every step."""
-    bad = getattr(loader, "bad_files", None)
+    bad = getattr(loader, "bad_indices", None)
     return len(bad) if bad is not None else int(dataset.bad.sum())
+
+
+def unreadable_indices(dataset, loader) -> list[int]:
+    """The dataset indices :func:`count_unreadable` counts."""
+    bad = getattr(loader, "bad_indices", None)
+    return sorted(bad) if bad is not None else dataset.bad.nonzero().flatten().tolist()
+
+
+def count_unreadable_everywhere(dataset, loader) -> int:
+    """Distinct unreadable files found by any process: the union of their index sets (a file
+    met by two processes in different epochs counts once). Collective, at log intervals."""
+    mine = unreadable_indices(dataset, loader)
+    if not D.is_dist() or D.world_size() == 1:
+        return len(mine)
+    everyone: list = [None] * D.world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return len(set().union(*everyone))
 
 
 def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, world_size: int = 1,

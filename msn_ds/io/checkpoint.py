@@ -211,8 +211,8 @@ class ResumePlan:
 def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> ResumePlan:
     """Find and check the checkpoint before the engine exists. At another world size a ZeRO
     checkpoint is first converted to DeepSpeed's universal format (rank 0, once; every
-    process waits) and ``ds_config`` is told to load it."""
-    from ..distributed import barrier, is_main
+    process waits; a failure there fails them all) and ``ds_config`` is told to load it."""
+    from ..distributed import from_main, is_main
 
     load_dir, tag = find_checkpoint(path)
     where = os.path.join(load_dir, tag)
@@ -224,9 +224,16 @@ def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> Resum
     if state["world_size"] == world_size or stage == 0:
         return plan  # a ZeRO-0 checkpoint holds whole tensors: any world size loads it
     universal = where + ".universal"
+    error = None
     if is_main() and not model_states_file(universal):
-        _convert_to_universal(where, universal, world_size)
-    barrier()
+        try:
+            _convert_to_universal(where, universal, world_size)
+        except Exception as e:  # every process must hear of it, or the others wait forever
+            error = str(e) if isinstance(e, CheckpointError) else (
+                f"{where}: conversion to the universal format: {type(e).__name__}: {e}")
+    error = from_main(error)  # also the barrier: converted before any process reads it
+    if error is not None:
+        raise CheckpointError(error)
     scan(checkpoint_files(universal))  # one converted before, or put there by someone else
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     plan.tag = os.path.basename(universal)
