@@ -34,11 +34,10 @@ import statistics
 import sys
 import time
 
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from msn_ds.monitor.table import Column, format_header, format_row  # noqa: E402
+from msn_ds.monitor.table import Column, format_header, format_row
 
 LOADERS = ("plain", "torch", "dali")
 COLUMNS = (Column("loader", 7, align="<"), Column("device", 6, align="<"), Column("workers", 7),

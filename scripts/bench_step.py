@@ -50,15 +50,15 @@ import traceback
 
 import torch
 
-from msn_ds import distributed as D  # noqa: E402
-from msn_ds.config import ConfigError, load_config  # noqa: E402
-from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config, zero_stage  # noqa: E402
-from msn_ds.engine import configure_precision  # noqa: E402
-from msn_ds.io.atomic import atomic_write  # noqa: E402
-from msn_ds.monitor.flops import StepShape, mfu, peak_flops  # noqa: E402
-from msn_ds.monitor.progress import peak_memory_gib  # noqa: E402
-from msn_ds.monitor.table import Column, format_row, format_table  # noqa: E402
-from msn_ds.trainer import build  # noqa: E402
+from msn_ds import distributed as D
+from msn_ds.config import ConfigError, load_config
+from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config, zero_stage
+from msn_ds.engine import configure_precision
+from msn_ds.io.atomic import atomic_write
+from msn_ds.monitor.flops import StepShape, mfu, peak_flops
+from msn_ds.monitor.progress import peak_memory_gib
+from msn_ds.monitor.table import Column, format_row, format_table
+from msn_ds.trainer import build
 
 OOM_EXIT = 3  # a trial child's exit code when it ran out of device memory
 OOM_ERROR = "out of memory"

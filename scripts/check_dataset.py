@@ -25,9 +25,8 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-
-from msn_ds.data.dataset import list_images  # noqa: E402
-from msn_ds.data.probe import BAD, decode_rgb, probe, read_regular  # noqa: E402
+from msn_ds.data.dataset import list_images
+from msn_ds.data.probe import BAD, decode_rgb, probe, read_regular
 
 
 def check(args: tuple[str, bool]) -> str | None:

@@ -12,8 +12,8 @@ import torch
 
 from eval.logistic import run_fewshot
 from msn_ds.io.weights import load_encoder
-from msn_ds.models import MSNEncoder  # noqa: E402
-from msn_ds.monitor.table import Column, format_table  # noqa: E402
+from msn_ds.models import MSNEncoder
+from msn_ds.monitor.table import Column, format_table
 
 
 def main(argv=None) -> int:

@@ -32,10 +32,10 @@ import sys
 
 import torch
 
-from msn_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from msn_ds.io.atomic import SaveError, atomic_write  # noqa: E402
-from msn_ds.io.weights import TARGET_PREFIX, read_weights  # noqa: E402
-from msn_ds.models import resolve_arch  # noqa: E402
+from msn_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from msn_ds.io.atomic import SaveError, atomic_write
+from msn_ds.io.weights import TARGET_PREFIX, read_weights
+from msn_ds.models import resolve_arch
 from msn_ds.models.hf_keys import BLOCK_MAP, LAYER_NORM_EPS, QKV, TOP_MAP
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")

@@ -28,7 +28,7 @@ import torch
 from msn_ds.io.atomic import SaveError
 from msn_ds.io.weights import HEAD_PREFIX, TARGET_PREFIX, write_weights
 from msn_ds.models.hf_keys import BLOCK_MAP, LAYER_NORM_EPS, QKV, TOP_MAP
-from msn_ds.models.vit import VIT_SIZES, resolve_arch  # noqa: E402
+from msn_ds.models.vit import VIT_SIZES, resolve_arch
 
 # transformers 5 names -> the hub checkpoints' names
 V5_RENAMES = [

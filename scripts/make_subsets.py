@@ -10,7 +10,6 @@ as its bytes on disk, so names that are not UTF-8 survive the round trip.
 import argparse
 import sys
 
-
 from eval.subsets import make_subsets, write_subsets
 
 

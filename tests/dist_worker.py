@@ -6,8 +6,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from msn_ds.loss import MSNLoss  # noqa: E402
-from msn_ds.models.norm import BatchNorm1d  # noqa: E402
+from msn_ds.loss import MSNLoss
+from msn_ds.models.norm import BatchNorm1d
 
 
 def main():

@@ -7,12 +7,12 @@ import sys
 
 import torch
 
-import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+import deepspeed
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
 
-from msn_ds.ema import ShardedEMA  # noqa: E402
-from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.ema import ShardedEMA
+from msn_ds.models import MSNEncoder
 
 
 def main():

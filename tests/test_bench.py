@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import load_script
-from msn_ds.config import load_config  # noqa: E402
-from msn_ds.monitor.flops import StepShape  # noqa: E402
+from msn_ds.config import load_config
+from msn_ds.monitor.flops import StepShape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 bench_step = load_script("scripts/bench_step.py")

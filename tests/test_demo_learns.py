@@ -12,7 +12,7 @@ import pytest
 from eval.logistic import run_fewshot
 from eval.subsets import make_subsets
 from msn_ds.io.weights import load_encoder
-from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.models import MSNEncoder
 from helpers import cpu_env
 
 pytestmark = pytest.mark.slow  # launches processes

@@ -13,8 +13,8 @@ from eval.features import extract_features, pixel_features
 from eval.logistic import (evaluate_fewshot, fit_logistic, objective, preprocess,
                            run_fewshot)
 from eval.subsets import make_subsets
-from msn_ds.data import eval_folder, eval_transform  # noqa: E402
-from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.data import eval_folder, eval_transform
+from msn_ds.models import MSNEncoder
 
 from helpers import run_cli, write_folder
 

@@ -12,7 +12,7 @@ from eval.features import FeatureCache, encoder_fingerprint
 from eval.logistic import evaluate_fewshot, preprocess, run_fewshot
 from eval.report import sha256_file
 from msn_ds.io.weights import encoder_metadata, save_weights
-from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.models import MSNEncoder
 
 from helpers import run_cli, write_folder
 

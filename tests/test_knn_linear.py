@@ -14,7 +14,7 @@ from eval.linear import (CHECKPOINT, epoch_batches, evaluate_linear, run_linear,
                          scaled_lr, train_linear)
 from eval.report import sha256_file
 from msn_ds.io.weights import encoder_metadata, save_weights
-from msn_ds.models import MSNEncoder  # noqa: E402
+from msn_ds.models import MSNEncoder
 from msn_ds.schedules import cosine
 
 from helpers import run_cli, write_folder
