@@ -34,7 +34,7 @@ demo: .venv/.installed $(DEMO_DATA)/.complete
 test: .venv/.installed
 	$(PY) -m pytest -q tests
 
-# The in-process tests only (20 s on 2 cores): no test that launches processes.
+# The in-process tests only (23 s on 2 cores): no test that launches processes.
 test-fast: .venv/.installed
 	$(PY) -m pytest -q -m "not slow" tests
 
