@@ -8,6 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 export DS_ACCELERATOR ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 DEMO_DATA := data/mnist_demo
 DEMO_RUN := runs/demo_cpu
+DEMO_SUBSETS := runs/demo_cpu_subsets
 
 .PHONY: venv demo test test-fast clean
 
@@ -24,19 +25,21 @@ $(DEMO_DATA)/.complete: .venv/.installed scripts/make_demo_data.py
 	$(PY) scripts/make_demo_data.py --out $(DEMO_DATA)
 	touch $@
 
+# A rerun moves the previous demo run aside (--overwrite: runs/demo_cpu.old-<time>/), never
+# deletes it; `make clean` removes runs/ and data/.
 demo: .venv/.installed $(DEMO_DATA)/.complete
-	rm -rf $(DEMO_RUN)
 	$(PY) train.py --config configs/demo_cpu.yaml --deepspeed_config ds_configs/zero0_fp32.json \
-		eval.knn_every_steps=124
-	$(PY) scripts/make_subsets.py $(DEMO_DATA)/train --per-class 1 2 5 --splits 3 --seed 0 --out $(DEMO_RUN)/subsets
-	$(PY) scripts/demo_eval.py --weights $(DEMO_RUN)/demo-target.safetensors --root $(DEMO_DATA) --subsets $(DEMO_RUN)/subsets
+		eval.knn_every_steps=124 --overwrite
+	$(PY) scripts/make_subsets.py $(DEMO_DATA)/train --per-class 1 2 5 --splits 3 --seed 0 --out $(DEMO_SUBSETS)
+	$(PY) scripts/demo_eval.py --weights $(DEMO_RUN)/demo-target.safetensors --root $(DEMO_DATA) --subsets $(DEMO_SUBSETS)
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
 
-# The in-process tests only (23 s on 2 cores): no test that launches processes.
+# The in-process tests only: no test that launches processes, and not the GPU tests (which
+# skip on a CPU machine anyway).
 test-fast: .venv/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 clean:
 	rm -rf .venv runs data

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 
@@ -18,7 +19,7 @@ from msn_ds import distributed as D
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
 from msn_ds.data.loader import (build_pretrain_loader, count_unreadable,
-                                 count_unreadable_everywhere)
+                                 count_unreadable_everywhere, shm_problem)
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.engine import check_init_weights, configure_precision
 from msn_ds.io.atomic import SaveError
@@ -27,7 +28,8 @@ from msn_ds.io.safe_load import CheckpointError
 from msn_ds.monitor.flops import StepShape, peak_flops
 from msn_ds.monitor.progress import Monitor, setup_logging
 from msn_ds.monitor.views_grid import log_views
-from msn_ds.run_folder import RunFolderError, claim_everywhere, folder_problem
+from msn_ds.run_folder import (RunFolderError, claim_everywhere, folder_problem, output_problem,
+                               write_run_file)
 from msn_ds.trainer import build
 
 log = logging.getLogger("msn_ds")
@@ -41,15 +43,24 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop at this global step (schedules still follow the epochs)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="resume from logging.folder's latest checkpoint, or from PATH "
-                        "(a run folder or a global_stepN folder); --resume auto: resume if\n"
-                        "logging.folder holds a checkpoint, else start fresh (SLURM requeue)")
+                   help="resume from logging.folder's latest checkpoint (refused if it has\n"
+                        "none), or from PATH (a run folder or a global_stepN folder);\n"
+                        "--resume auto: the same, but start fresh when logging.folder holds\n"
+                        "no checkpoint (SLURM requeue)")
     p.add_argument("--overwrite", action="store_true",
                    help="start fresh in a logging.folder that holds another run: move that run\n"
                         "aside to <folder>.old-<time>/ (nothing is deleted)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_intermixed_args(argv)  # overrides may sit before or after options
+    args = p.parse_intermixed_args(argv)  # overrides may sit before or after options
+    if args.resume is not None and OVERRIDE.match(args.resume):
+        # `--resume logging.folder=R`: the optional PATH took an override; it is never a path
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+    return args
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 
 
 def build_knn_monitor(cfg: dict, source: str):
@@ -71,20 +82,26 @@ def build_knn_monitor(cfg: dict, source: str):
         raise ConfigError(f"{source}: eval.knn_train/knn_val: {e}") from None
 
 
-def build_loader(cfg: dict):
+def build_loader(cfg: dict, accumulation: int = 1):
     """``data.loader``: DALI (on this process's GPU when there is one) or torchvision. Built
     before the process group (rank and world size from the launcher's environment), so that
     an empty ``train/`` or too few images for one global batch is refused before DeepSpeed
-    starts."""
+    starts. Each batch is a whole step's: ``accumulation`` micro-batches of
+    ``criterion.batch_size``, which the step splits (msn_ds/accumulate.py)."""
     device_id = D.local_rank() if D.accelerator_name() == "cuda" else None
-    return build_pretrain_loader(cfg["data"], train_folder(cfg), cfg["criterion"]["batch_size"],
+    return build_pretrain_loader(cfg["data"], train_folder(cfg),
+                                 cfg["criterion"]["batch_size"] * accumulation,
                                  cfg["meta"]["seed"], int(os.environ["WORLD_SIZE"]),
                                  int(os.environ["RANK"]), device_id)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    D.setup_env()
+    try:  # a launcher variable that is not a number, or a rank outside the world
+        D.setup_env()
+    except D.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # setup_logging's levels before the process group exists (the data loader logs first)
     logging.basicConfig(level=logging.INFO if os.environ["RANK"] == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -98,6 +115,10 @@ def main(argv=None) -> int:
         problem = folder_problem(cfg["logging"]["folder"])
         if problem:
             raise ConfigError(f"{args.config}: logging.folder {problem}")
+        problem = output_problem(cfg["logging"]["folder"], cfg["logging"]["tensorboard"],
+                                 checkpoint_bytes(cfg))
+        if problem:
+            raise ConfigError(f"{args.config}: logging.folder: {problem}")
         ds_config = resolve_ds_config(read_ds_config(args.deepspeed_config), cfg,
                                       int(os.environ["WORLD_SIZE"]), args.deepspeed_config)
         if cfg["data"]["loader"] == "dali" and not dali_available():
@@ -105,8 +126,11 @@ def main(argv=None) -> int:
                               "installed (pip install nvidia-dali-cuda130, or data.loader=torch)")
         knn = build_knn_monitor(cfg, args.config)
         check_init_weights(cfg)
+        problem = shm_problem(cfg["data"], cfg["criterion"]["batch_size"])
+        if problem:
+            raise ConfigError(f"{args.config}: {problem}")
         try:  # an empty train/ or fewer images than one global batch
-            dataset, sampler, loader = build_loader(cfg)
+            dataset, sampler, loader = build_loader(cfg, ds_config["gradient_accumulation_steps"])
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{args.config}: training images in {train_folder(cfg)}: "
                               f"{e}") from None
@@ -114,7 +138,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    D.init_process_group()
+    try:  # a rendezvous that does not complete within MSN_DS_RENDEZVOUS_TIMEOUT
+        D.init_process_group()
+    except D.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     setup_logging()
     if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and D.is_main()):
@@ -141,15 +169,31 @@ def main(argv=None) -> int:
         return 2
     engine, target, schedules, trainer, plan = (built.engine, built.target, built.schedules,
                                                 built.trainer, built.plan)
+    step, bad_images = 0, 0
+    if plan is not None:
+        try:
+            state, rank_states = load_training_checkpoint(engine, plan)
+        except CheckpointError as e:
+            log.error("cannot resume: %s", e)
+            D.cleanup()
+            return 2
+        step = trainer.load_client_state(state, rank_states)
+        log.info("resumed at step %d (epoch %d, batch %d) from %s (%d processes)", step,
+                 step // spe + 1, step % spe, plan.where, plan.saved_world_size)
     if D.is_main():  # only now: a refused resume leaves the folder as it was
-        with open(os.path.join(folder, f"{cfg['logging']['write_tag']}-config.yaml"), "w") as f:
-            f.write(dump(cfg))
+        write_run_file(os.path.join(folder, f"{cfg['logging']['write_tag']}-config.yaml"),
+                       dump(cfg))  # replaces a planted link, never writes through it
     if cfg["logging"]["tensorboard"] and D.is_main():
         log_views(cfg, dataset, loader)  # TensorBoard data/views: what the encoders see
 
     total = schedules.total_steps if args.max_steps is None else min(args.max_steps,
                                                                      schedules.total_steps)
-    global_batch = cfg["criterion"]["batch_size"] * D.world_size()
+    if step >= total:
+        log.warning("nothing to train: the checkpoint is at step %d and this run ends at step "
+                    "%d%s; the weights file is written again from it", step, total,
+                    "" if args.max_steps is None else " (--max-steps)")
+    global_batch = cfg["criterion"]["batch_size"] * D.world_size() * ds_config[
+        "gradient_accumulation_steps"]  # images per optimizer step
     device = torch.device(engine.device)
     configure_precision(device)
     monitor = Monitor(folder, total, global_batch, cfg["logging"]["log_every"],
@@ -161,17 +205,6 @@ def main(argv=None) -> int:
              cfg["meta"]["model_name"], len(dataset), sampler.batches_per_epoch, global_batch,
              D.world_size(), total)
 
-    step, bad_images = 0, 0
-    if plan is not None:
-        try:
-            state, rank_states = load_training_checkpoint(engine, plan)
-        except CheckpointError as e:
-            log.error("cannot resume: %s", e)
-            D.cleanup()
-            return 2
-        step = trainer.load_client_state(state, rank_states)
-        log.info("resumed at step %d (epoch %d, batch %d) from %s (%d processes)", step,
-                 step // spe, step % spe, plan.where, plan.saved_world_size)
     stop = D.StopRequest()
     last_saved = step
 
@@ -243,6 +276,22 @@ def main(argv=None) -> int:
     return 2 if max(stop.level, trainer.stop_level) >= D.StopRequest.FAILURE else 0
 
 
+def checkpoint_bytes(cfg: dict) -> int:
+    """About how many bytes one checkpoint takes: per trained parameter the module's fp32
+    copy, the fp32 master and Adam's two moments, plus the fp32 target (built on the meta
+    device: nothing is allocated)."""
+    from msn_ds.models import MSNEncoder
+
+    meta = cfg["meta"]
+    with torch.device("meta"):
+        encoder = MSNEncoder(meta["model_name"], img_size=cfg["data"]["rand_size"],
+                             hidden_dim=meta["hidden_dim"], output_dim=meta["output_dim"],
+                             use_bn=meta["use_bn"])
+    params = sum(p.numel() for p in encoder.parameters())
+    params += cfg["criterion"]["num_proto"] * meta["output_dim"]
+    return params * (4 * 4 + 4)
+
+
 def check_bad_fraction(n: int, dataset, max_fraction: float, stop,
                        where: str = "on this process") -> None:
     """``n`` distinct unreadable images found (each file counted once: the loaders remember
@@ -274,3 +323,6 @@ if __name__ == "__main__":
     except SaveError as e:  # a full disk while saving: the message says what was kept
         log.error("%s", e)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or twice
+        print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from msn_ds.data import eval_folder
+from msn_ds.data import UNREADABLE, eval_folder, readable_rows
 from msn_ds.models import MSNEncoder
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,18 @@ def load_datasets(root: str, transform, subset: Optional[str] = None):
         raise ValueError(f"{train_root} and {val_root} have different class folders; "
                          "labels would not line up")
     return train_ds, test_ds
+
+
+def drop_unreadable(x: np.ndarray, y: np.ndarray, dataset, what: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` without the rows of unreadable images (label ``UNREADABLE``; the loader
+    named each in the log when it met it), with one line saying how many were left out."""
+    keep = readable_rows(y)
+    if keep.all():
+        return x, y
+    log.warning("%s: %d unreadable images left out (%s)", what, int((~keep).sum()),
+                getattr(dataset, "root", "?"))
+    return x[keep], y[keep]
 
 
 def pixel_transform(size: Optional[int] = None) -> v2.Compose:
@@ -140,16 +152,20 @@ def dataset_labels(dataset) -> Optional[np.ndarray]:
     return None
 
 
-def _mismatch(value, expect: Optional[np.ndarray]) -> Optional[str]:
-    """Why a cache entry does not fit the image list (None if it does)."""
+def _mismatch(value, expect: Optional[np.ndarray], width: Optional[int] = None
+              ) -> Optional[str]:
+    """Why a cache entry does not fit the image list and the feature width (None if it
+    does)."""
     x, y = value
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
         return f"features {x.shape} and labels {y.shape} do not form a table"
+    if width is not None and x.shape[1] != width:
+        return f"{x.shape[1]} features per image, the encoder gives {width}"
     if expect is None:
         return None
     if len(x) != len(expect):
         return f"{len(x)} rows for {len(expect)} images"
-    if not np.array_equal(y, expect):
+    if not np.array_equal(np.where(y == UNREADABLE, expect, y), expect):  # unreadable: -1
         return f"labels differ from the image list (first at row {int(np.argmax(y != expect))})"
     return None
 
@@ -176,8 +192,8 @@ class FeatureCache:
                               ).hexdigest()[:32]
 
     def get(self, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
-            info: Optional[dict] = None, labels: Optional[np.ndarray] = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+            info: Optional[dict] = None, labels: Optional[np.ndarray] = None,
+            width: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """The entry for ``key``, else ``compute()`` (stored). ``labels``: the image list's
         labels; an entry whose row count or labels differ from them (a truncated or
         foreign file under this name) is recomputed, never used."""
@@ -189,7 +205,7 @@ class FeatureCache:
             try:
                 with np.load(path, allow_pickle=False) as z:
                     value = (z["x"], z["y"])
-                why = _mismatch(value, labels)
+                why = _mismatch(value, labels, width)
                 if why is None:
                     self.hits += 1
                     self._memory[key] = value
@@ -233,7 +249,8 @@ def dataset_features(encoder: Optional[MSNEncoder], dataset, *, pixels: bool = F
             "representation": "pixels" if pixels else
             ("before_norm" if before_norm else "after_norm")}
     return cache.get(FeatureCache.key(enc_key, dataset), compute, info,
-                     labels=dataset_labels(dataset))
+                     labels=dataset_labels(dataset),
+                     width=None if pixels else encoder.spec.embed_dim)
 
 
 def train_val_features(encoder: Optional[MSNEncoder], train_ds, val_ds, *, pixels: bool = False,
@@ -243,5 +260,9 @@ def train_val_features(encoder: Optional[MSNEncoder], train_ds, val_ds, *, pixel
     pixels = pixels or encoder is None
     key = encoder_fingerprint(None if pixels else encoder, before_norm) if cache else None
     common = dict(pixels=pixels, before_norm=before_norm, cache=cache, encoder_key=key, **kw)
-    return (*dataset_features(encoder, train_ds, desc="train", **common),
-            *dataset_features(encoder, val_ds, desc="val", **common))
+    train_x, train_y = dataset_features(encoder, train_ds, desc="train", **common)
+    val_x, val_y = dataset_features(encoder, val_ds, desc="val", **common)
+    if train_x.shape[1] != val_x.shape[1]:  # raw pixels of images of another size
+        raise ValueError(f"train and val features differ in width ({train_x.shape[1]} and "
+                         f"{val_x.shape[1]}): with --pixels, give --pixel-size")
+    return train_x, train_y, val_x, val_y

@@ -27,8 +27,10 @@ from msn_ds.models import MSNEncoder
 from msn_ds.monitor.table import Column, format_table
 
 from .classify import knn_accuracy
-from .features import FeatureCache, load_datasets, pixel_transform, train_val_features
-from .report import add_source_args, build_source, representation, write_json, write_scalars
+from .features import (FeatureCache, drop_unreadable, load_datasets, pixel_transform,
+                       train_val_features)
+from .report import (add_source_args, build_source, check_source_args, representation, write_json,
+                     write_scalars)
 
 
 def run_knn(encoder: Optional[MSNEncoder], root: str, k: int = 20, temperature: float = 0.07,
@@ -45,6 +47,11 @@ def run_knn(encoder: Optional[MSNEncoder], root: str, k: int = 20, temperature: 
     train_x, train_y, test_x, test_y = train_val_features(
         encoder, train_ds, test_ds, pixels=pixels, before_norm=before_norm, cache=cache,
         batch_size=batch_size, device=device, num_workers=num_workers)
+    rows = len(train_y) + len(test_y)
+    train_x, train_y = drop_unreadable(train_x, train_y, train_ds, "train")
+    test_x, test_y = drop_unreadable(test_x, test_y, test_ds, "val")
+    if not len(train_y) or not len(test_y):
+        raise ValueError(f"no readable image in {root}/{'val' if len(train_y) else 'train'}")
     acc = knn_accuracy(torch.as_tensor(train_x).to(device), train_y, test_x, test_y, k,
                        temperature, len(train_ds.classes), chunk)
     return {"protocol": "knn", "representation": representation(pixels, before_norm),
@@ -52,7 +59,8 @@ def run_knn(encoder: Optional[MSNEncoder], root: str, k: int = 20, temperature: 
             "temperature": temperature, "crop": crop, "resize": resize,
             "pixel_size": pixel_size if pixels else None, "subset": subset,
             "root": os.path.abspath(root), "num_classes": len(train_ds.classes),
-            "num_train": int(len(train_y)), "num_test": int(len(test_y)), **acc}
+            "num_train": int(len(train_y)), "num_test": int(len(test_y)),
+            "num_unreadable": rows - len(train_y) - len(test_y), **acc}
 
 
 def format_result(result: dict, title: str = "") -> str:
@@ -76,6 +84,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = check_source_args(args, positive=("temperature",)) or (
+        f"--k {args.k}: must be 1 or more" if args.k < 1 else None) or (
+        f"--chunk {args.chunk}: must be 1 or more" if args.chunk < 1 else None)
+    if problem:  # before the weights are loaded and any feature extracted
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         encoder, source = build_source(args, device)

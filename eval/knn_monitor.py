@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from msn_ds import distributed
-from msn_ds.data import eval_folder, eval_transform
+from msn_ds.data import eval_folder, eval_transform, readable_rows
 
 from .classify import knn_accuracy
 from .subsets import make_subsets
@@ -59,6 +59,7 @@ class KNNMonitor:
         if len(self.train) == 0 or len(self.val) == 0:
             raise ValueError(f"k-NN sets {train} and {val} must not be empty")
         self.k, self.temperature, self.batch_size = k, temperature, batch_size
+        self.unreadable = 0  # images of the two sets found unreadable (rank 0's count)
         images = len(self.train) + len(self.val)
         self._cache: Optional[dict[int, torch.Tensor]] = (
             {} if images * 3 * crop * crop * 4 <= cache_gib * 2**30 else None)
@@ -74,41 +75,60 @@ class KNNMonitor:
         was_training = target.training
         target.eval()
         try:
-            train_x = self._features(target, self.train, 0, device, dtype)
-            val_x = self._features(target, self.val, len(self.train), device, dtype)
+            train_x, train_y = self._features(target, self.train, 0, device, dtype)
+            val_x, val_y = self._features(target, self.val, len(self.train), device, dtype)
         finally:
             target.train(was_training)
         if not distributed.is_main():
             return None
-        acc = knn_accuracy(train_x, self.train.targets, val_x, self.val.targets, self.k,
-                           self.temperature, num_classes=len(self.train.classes))
-        return {"knn_top1": acc["top1"], "knn_top5": acc["top5"],
-                "knn_seconds": time.perf_counter() - start}
+        self.unreadable = int((~readable_rows(train_y)).sum() + (~readable_rows(val_y)).sum())
+        if self.unreadable:  # their rows hold stand-ins: classify without them
+            keep_t, keep_v = readable_rows(train_y), readable_rows(val_y)
+            train_x, train_y, val_x, val_y = (train_x[keep_t], train_y[keep_t], val_x[keep_v],
+                                              val_y[keep_v])
+            if not len(train_y) or not len(val_y):
+                log.warning("k-NN skipped: no readable image left in %s",
+                            "the train set" if not len(train_y) else "the val set")
+                return None
+        acc = knn_accuracy(train_x, train_y, val_x, val_y, self.k, self.temperature,
+                           num_classes=len(self.train.classes))
+        out = {"knn_top1": acc["top1"], "knn_top5": acc["top5"],
+               "knn_seconds": time.perf_counter() - start}
+        if self.unreadable:
+            out["knn_unreadable"] = self.unreadable
+        return out
 
-    def _features(self, target, dataset, offset: int, device, dtype) -> torch.Tensor:
-        """``[N, D]`` float32 class tokens (on rank 0; this process's share elsewhere)."""
+    def _features(self, target, dataset, offset: int, device, dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([N, D] float32 class tokens, [N] labels)`` on rank 0 (this process's share
+        elsewhere); an unreadable image's row has the label ``UNREADABLE``. The label rides
+        as one more feature column, so the gather stays one collective."""
         world, rank = distributed.world_size(), distributed.rank()
         per_rank = math.ceil(len(dataset) / world)  # equal work: ZeRO-3 gathers in lockstep
         mine = [min(rank + world * j, len(dataset) - 1) for j in range(per_rank)]
         feats = []
         for i in range(0, per_rank, self.batch_size):
-            x = torch.stack([self._image(dataset, offset, j) for j in mine[i:i + self.batch_size]])
-            h, _ = target(x.to(device=device, dtype=dtype), return_before_head=True)
-            feats.append(h.float())
+            x, y = zip(*(self._item(dataset, offset, j) for j in mine[i:i + self.batch_size]))
+            h, _ = target(torch.stack(x).to(device=device, dtype=dtype), return_before_head=True)
+            feats.append(torch.cat([h.float(), torch.tensor(y, device=h.device,
+                                                            dtype=torch.float32)[:, None]], 1))
         local = torch.cat(feats)
-        if world == 1:
-            return local.cpu()
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local.contiguous())
-        # row j of rank r is image r + world * j: interleave, then drop the padding
-        return torch.stack(gathered, 1).reshape(-1, local.shape[1])[:len(dataset)].cpu()
+        if world > 1:
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local.contiguous())
+            # row j of rank r is image r + world * j: interleave, then drop the padding
+            local = torch.stack(gathered, 1).reshape(-1, local.shape[1])[:len(dataset)]
+        local = local.cpu()
+        return local[:, :-1], local[:, -1].long()
 
-    def _image(self, dataset, offset: int, index: int) -> torch.Tensor:
+    def _item(self, dataset, offset: int, index: int) -> tuple[torch.Tensor, int]:
+        """``(image, label)``: decoded once when the sets fit in the cache (an unreadable
+        image included: it is not read again)."""
         if self._cache is None:
-            return dataset[index][0]
+            return dataset[index]
         key = offset + index
         if key not in self._cache:
-            self._cache[key] = dataset[index][0]
+            self._cache[key] = dataset[index]
         return self._cache[key]
 
 
@@ -117,8 +137,6 @@ def _per_class(dataset, root: str, n: int):
     :func:`eval.subsets.make_subsets` draws (its own seeded order: no global RNG)."""
     (lines,) = make_subsets(root, per_class=(n,), splits=1, seed=0).values()
     wanted = set(lines)
-    keep = [(p, y) for p, y in dataset.samples
-            if os.path.relpath(p, root).replace(os.sep, "/") in wanted]
-    dataset.samples = dataset.imgs = keep
-    dataset.targets = [y for _, y in keep]
+    dataset.keep_samples([(p, y) for p, y in dataset.samples
+                          if os.path.relpath(p, root).replace(os.sep, "/") in wanted])
     return dataset

@@ -56,9 +56,10 @@ from msn_ds.monitor.table import Column, format_table
 from msn_ds.schedules import cosine
 
 from .classify import topk_accuracy
-from .features import (FeatureCache, dataset_features, encoder_fingerprint, load_datasets,
-                       pixel_transform)
-from .report import add_source_args, build_source, representation, write_json, write_scalars
+from .features import (FeatureCache, dataset_features, drop_unreadable, encoder_fingerprint,
+                       load_datasets, pixel_transform)
+from .report import (add_source_args, build_source, check_source_args, representation, unwritable,
+                     write_json, write_scalars)
 
 REFERENCE_BATCH = 16384
 CHECKPOINT = "linear_last.pt"
@@ -118,15 +119,23 @@ def train_linear(train_x, train_y, num_classes: int, *, epochs: int = 100,
     start = 0
     ckpt_path = os.path.join(out, CHECKPOINT) if out else None
     if resume and ckpt_path and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-                if ckpt["config"].get(k) != v}
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+            saved = ckpt["config"]
+            diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        except Exception as e:  # truncated, not a checkpoint, or not ours
+            raise ValueError(f"{ckpt_path}: cannot resume from it ({type(e).__name__}: "
+                             f"{e}); remove it to start over") from None
         if diff:
             raise ValueError(f"{ckpt_path} was written with other settings "
                              f"(checkpoint, now): {diff}")
-        model.load_state_dict(ckpt["linear"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["epoch"])
+        try:
+            model.load_state_dict(ckpt["linear"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start = int(ckpt["epoch"])
+        except Exception as e:
+            raise ValueError(f"{ckpt_path}: cannot resume from it ({type(e).__name__}: "
+                             f"{e}); remove it to start over") from None
         if log:
             log(f"resumed from {ckpt_path} at epoch {start}")
 
@@ -194,16 +203,18 @@ def augment_transform(crop: int) -> v2.Compose:
 
 
 def sharded_features(dataset, rows: Optional[torch.Tensor] = None, gather: bool = True,
-                     **kw) -> np.ndarray:
-    """Features of ``dataset`` (restricted to ``rows``), each process extracting every
-    ``world_size``-th row; with ``gather`` the full array, in row order, on every process."""
+                     **kw) -> tuple[np.ndarray, np.ndarray]:
+    """``(features, labels)`` of ``dataset`` (restricted to ``rows``), each process extracting
+    every ``world_size``-th row; with ``gather`` the full arrays, in row order, on every
+    process. An unreadable image's label is ``UNREADABLE``; the labels ride the gather as
+    one more feature column."""
     rank, world_size = distributed.rank(), distributed.world_size()
     rows = torch.arange(len(dataset)) if rows is None else rows
     mine = rows[rank::world_size] if gather else rows
-    x, _ = dataset_features(kw.pop("encoder"), Subset(dataset, mine.tolist()), **kw)
-    x = torch.as_tensor(x)
+    x, y = dataset_features(kw.pop("encoder"), Subset(dataset, mine.tolist()), **kw)
     if world_size == 1 or not gather:
-        return x.numpy()
+        return x, y
+    x = torch.cat([torch.as_tensor(x), torch.as_tensor(y, dtype=torch.float32)[:, None]], 1)
     dev = distributed.comm_device()
     size = math.ceil(len(rows) / world_size)
     pad = torch.zeros(size, x.shape[1], dtype=torch.float32, device=dev)
@@ -213,30 +224,31 @@ def sharded_features(dataset, rows: Optional[torch.Tensor] = None, gather: bool 
     full = torch.empty(len(rows), x.shape[1], dtype=torch.float32)
     for r, part in enumerate(parts):
         full[r::world_size] = part[:len(range(r, len(rows), world_size))].cpu()
-    return full.numpy()
+    return full[:, :-1].numpy(), full[:, -1].long().numpy()
 
 
 def cached_features(cache: Optional[FeatureCache], encoder_key: str, dataset, **kw):
-    """:func:`sharded_features` of the whole ``dataset`` through ``cache``. Every process
+    """:func:`sharded_features` ``(x, y)`` of the whole ``dataset`` through ``cache``. Every process
     must take the same branch (extraction is collective), so a disk entry is used only
     when every process can read it."""
     if cache is None:
         return sharded_features(dataset, **kw)
     key = FeatureCache.key(encoder_key, dataset)
     labels = np.asarray(dataset.targets, np.int64)
+    width = None if kw.get("pixels") or kw.get("encoder") is None else kw["encoder"].spec.embed_dim
     if distributed.world_size() > 1:
         have = cache.folder is not None and os.path.exists(os.path.join(cache.folder, f"{key}.npz"))
         flag = torch.tensor([float(have)], device=distributed.comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if not flag.item():
-            x = sharded_features(dataset, **kw)
+            xy = sharded_features(dataset, **kw)
             if distributed.is_main():  # the one writer; the others keep theirs in memory
-                cache.get(key, lambda: (x, labels), labels=labels)
+                cache.get(key, lambda: xy, labels=labels, width=width)
             distributed.barrier()
-            return x
+            return xy
     # an entry whose rows or labels do not match the image list is recomputed (on every
     # process alike: each reads the same entry and finds the same mismatch)
-    return cache.get(key, lambda: (sharded_features(dataset, **kw), labels), labels=labels)[0]
+    return cache.get(key, lambda: sharded_features(dataset, **kw), labels=labels, width=width)
 
 
 def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384,
@@ -271,13 +283,14 @@ def run_linear(encoder, root: str, *, epochs: int = 100, batch_size: int = 16384
             rank = distributed.rank()  # random crops: a function of (seed, epoch, rank), resumable
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-                return sharded_features(aug_ds, rows, gather=False, **kw)
+                return sharded_features(aug_ds, rows, gather=False, **kw)[0]
         feature_fn = augmented
     enc_key = encoder_fingerprint(None if pixels else encoder, before_norm) if cache else ""
-    if not augment:
-        train_x = cached_features(cache, enc_key, train_ds, **kw)
-    test_x = cached_features(cache, enc_key, test_ds, **kw)
-    test_y = np.asarray(test_ds.targets, dtype=np.int64)
+    if not augment:  # unreadable images are left out (augmented: their stand-ins stay)
+        train_x, train_y = drop_unreadable(*cached_features(cache, enc_key, train_ds, **kw),
+                                           train_ds, "train")
+    test_x, test_y = drop_unreadable(*cached_features(cache, enc_key, test_ds, **kw), test_ds,
+                                     "val")
     model, last = train_linear(train_x, train_y, len(train_ds.classes), epochs=epochs,
                                batch_size=batch_size, base_lr=base_lr, momentum=momentum,
                                weight_decay=weight_decay, seed=seed, out=out, resume=resume,
@@ -345,12 +358,22 @@ def main(argv=None) -> int:
         print("error: --resume needs --out", file=sys.stderr)
         return 2
     problem = check_counts(epochs=args.epochs, batch_size=args.batch_size,
-                           stop_after=args.stop_after, feature_batch_size=args.feature_batch_size)
+                           stop_after=args.stop_after, feature_batch_size=args.feature_batch_size
+                           ) or check_source_args(args, positive=("base_lr",)) or (
+        f"--momentum {args.momentum}: must be in [0, 1)" if not 0 <= args.momentum < 1 else None
+    ) or (f"--weight-decay {args.weight_decay}: must be a finite number, 0 or more"
+          if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0) else None) or (
+        f"--out {args.out} {unwritable(args.out)}" if args.out and unwritable(args.out)
+        else None)
     if problem:  # before loading weights or extracting features
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
-        distributed.init_process_group()
+        try:
+            distributed.init_process_group()
+        except distributed.LaunchError as e:  # a rank missing, a bad variable
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     rank = distributed.rank()
     device = args.device or str(distributed.step_device())
     log = print if rank == 0 else None

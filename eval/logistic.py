@@ -26,6 +26,7 @@ later runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -38,13 +39,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msn_ds.data import eval_transform
+from msn_ds.data import eval_transform, readable_rows
 from msn_ds.data.dataset import read_list_file
 from msn_ds.models import MSNEncoder
 from msn_ds.monitor.table import Column, format_row, format_table
 
-from .features import FeatureCache, load_datasets, pixel_transform, train_val_features
-from .report import add_source_args, build_source, representation, write_json, write_scalars
+from .features import (FeatureCache, drop_unreadable, load_datasets, pixel_transform,
+                       train_val_features)
+from .report import (add_source_args, build_source, check_source_args, representation, write_json,
+                     write_scalars)
+
+log = logging.getLogger(__name__)
 
 CENTERING = ("sample", "train", "none")
 
@@ -209,19 +214,29 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
     if missing:
         raise FileNotFoundError(f"{len(missing)} subset images not found under {train_root}, "
                                 f"e.g. {missing[0]!r} (lines are class_dir/filename)")
-    train_ds.samples = train_ds.imgs = [by_rel[w] for w in wanted]
-    train_ds.targets = [y for _, y in train_ds.samples]
+    train_ds.keep_samples([by_rel[w] for w in wanted])
     row = {w: i for i, w in enumerate(wanted)}
 
     train_x, train_y, test_x, test_y = train_val_features(
         encoder, train_ds, test_ds, pixels=pixels, before_norm=before_norm, cache=cache,
         batch_size=batch_size, device=device, num_workers=num_workers)
+    rows = len(train_y) + len(test_y)
+    test_x, test_y = drop_unreadable(test_x, test_y, test_ds, "val")
+    readable = readable_rows(train_y)  # a subset's unreadable images are left out of it
+    if not readable.all():
+        log.warning("train: %d unreadable images left out of the subsets (%s)",
+                    int((~readable).sum()), train_root)
+    if not len(test_y):
+        raise ValueError(f"no readable image in {os.path.join(root, 'val')}")
     rep = representation(pixels, before_norm)
     solve_device = device if solver == "lbfgs" else None
 
     splits, groups = [], {}
     for path, lines in subsets.items():
         idx = np.array([row[w] for w in lines])
+        idx = idx[readable[idx]]
+        if not len(idx):
+            raise ValueError(f"{path}: no readable image among its {len(lines)}")
         acc = evaluate_fewshot(train_x[idx], train_y[idx], test_x, test_y, lambd,
                                num_classes=len(train_ds.classes), centering=centering,
                                solver=solver, device=solve_device)
@@ -236,7 +251,8 @@ def run_fewshot(encoder: Optional[MSNEncoder], root: str, subset_files: Sequence
             "resize": resize, "pixel_size": pixel_size if pixels else None,
             "root": os.path.abspath(root),
             "num_classes": len(train_ds.classes), "num_test": int(len(test_y)),
-            "num_train_extracted": int(len(train_y)), "splits": splits, "groups": summary}
+            "num_train_extracted": int(len(train_y)), "splits": splits, "groups": summary,
+            "num_unreadable": rows - int(readable.sum()) - len(test_y)}
 
 
 def format_result(result: dict, title: str = "") -> str:
@@ -269,7 +285,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a non-UTF-8 path in the table prints
         sys.stdout.reconfigure(errors="backslashreplace")
-    problem = check_lambd(args.lambd)
+    problem = check_lambd(args.lambd) or check_source_args(args)
     if problem:  # before the weights are loaded and any feature extracted
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 from typing import Optional
 
@@ -55,6 +56,44 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--run-dir", default=None,
                    help="training run folder: add the results to its TensorBoard (RUN/tb)")
+
+
+def check_source_args(args, positive: tuple[str, ...] = ()) -> Optional[str]:
+    """Why the shared options (and the ``positive`` ones of this protocol, by attribute
+    name) cannot work, or None: checked before any weight is loaded or feature extracted,
+    so a typo costs no extraction and an unwritable output is known before the work."""
+    sizes = {"--crop": args.crop, "--resize": args.resize,
+             "--feature-batch-size": args.feature_batch_size}
+    if args.pixel_size is not None:
+        sizes["--pixel-size"] = args.pixel_size
+    for name, value in sizes.items():
+        if value <= 0:
+            return f"{name} {value}: must be a positive number of pixels or images"
+    if args.num_workers < 0:
+        return f"--num-workers {args.num_workers}: must be 0 or more"
+    for attr in positive:
+        value = getattr(args, attr)
+        if not (math.isfinite(value) and value > 0):
+            return f"--{attr.replace('_', '-')} {value}: must be a finite number above 0"
+    for flag, folder in (("--json", args.json and os.path.dirname(os.path.abspath(args.json))),
+                         ("--cache-dir", args.cache_dir), ("--run-dir", args.run_dir)):
+        problem = folder and unwritable(folder)
+        if problem:
+            return f"{flag}: {folder} {problem}"
+    if args.json and os.path.isdir(args.json):
+        return f"--json {args.json}: is a folder (give a file name)"
+    return None
+
+
+def unwritable(folder: str) -> Optional[str]:
+    """Why files cannot be written in ``folder`` (created if missing), or None."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"cannot be created ({e.strerror or e})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
 
 
 def build_source(args, device) -> tuple[Optional[MSNEncoder], dict]:

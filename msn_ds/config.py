@@ -4,14 +4,17 @@ A config written for the reference (``meta``, ``criterion``, ``data``, ``optimiz
 ``logging``) loads unchanged; keys it lacks take the defaults below. Any key can be
 overridden on the command line as ``section.key=value`` (the value is parsed as YAML).
 Everything is checked before any work starts: an unknown key, a wrong type, a value out of
-range or a missing data folder is an error naming the key and the file.
+range (:data:`RANGES` declares one for every numeric key) or a missing data folder is an
+error naming the key, the value and the file.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-from typing import Any, Iterable, Optional
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
@@ -38,6 +41,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "nonfinite_patience": ((int,), 10),
         "compile": ((str,), ""),  # torch.compile backend for the ViT blocks; "" = eager
         "init_weights": ((str, None), None),  # a weights file to start both encoders from
+        # init_weights' missing/unexpected keys are an error unless this is false
+        "init_strict": ((bool,), True),
+        # sizes above their sanity ceiling (RANGES: hidden_dim, num_proto, ...) are refused
+        # unless this is true: a typo such as hidden_dim=1000000 would ask for terabytes
+        "allow_large": ((bool,), False),
     },
     "criterion": {
         "num_proto": ((int,), 1024),
@@ -54,6 +62,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         # ours
         "sinkhorn_iters": ((int,), 3),
         "per_sample_mask": ((bool,), False),
+        # me-max's target: uniform (MSN) or PMSN's power law k^(-prior_tau) (docs/method.md)
+        "prior": ((str,), "uniform"),
+        "prior_tau": (_NUM, 0.25),
     },
     "data": {
         "root_path": ((str,), "datasets/"),
@@ -121,7 +132,101 @@ UNSUPPORTED_IF = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: finite, in ``[lo, hi]`` (``lo_open``/``hi_open``:
+    the bound itself excluded). ``large``: a sanity ceiling below ``hi`` for sizes that
+    allocate memory, lifted by ``meta.allow_large: true``. ``note``: why, for the message."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    large: Optional[int] = None
+    note: str = ""
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        return (f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}"
+                f"{')' if self.hi_open else ']'}")
+
+    def problem(self, value: Any, allow_large: bool = False) -> Optional[str]:
+        """Why ``value`` is out of this range (a phrase after the key), or None."""
+        note = f" ({self.note})" if self.note else ""
+        if not math.isfinite(value):
+            return f"must be a finite number in {self.describe()}, got {value!r}{note}"
+        below = value <= self.lo if self.lo_open else value < self.lo
+        above = value >= self.hi if self.hi_open else value > self.hi
+        if below or above:
+            return f"must be in {self.describe()}, got {value!r}{note}"
+        if self.large is not None and value > self.large and not allow_large:
+            return (f"= {value!r} is above its sanity ceiling of {self.large} (a likely typo "
+                    "that would allocate far more memory than any GPU has); set "
+                    "meta.allow_large=true if you mean it")
+        return None
+
+
+INT_MAX = 2 ** 31 - 1  # counts with no natural ceiling
+# (section, key) -> Range, for every numeric key of SCHEMA (a test checks none is missing).
+# Checked first in validate(): nothing downstream sees a NaN, an infinity, a negative rate
+# or a size typo. Cross-key rules (view geometry, the patch size) come after.
+RANGES: dict[tuple[str, str], Range] = {
+    ("meta", "output_dim"): Range(1, INT_MAX, large=16384),
+    ("meta", "hidden_dim"): Range(1, INT_MAX, large=16384),
+    ("meta", "drop_path_rate"): Range(0, 1, hi_open=True),
+    ("meta", "bottleneck"): Range(1, 1, note="only 1, the reference's value, is supported"),
+    ("meta", "seed"): Range(0, 2 ** 63 - 1),
+    ("meta", "activation_checkpointing"): Range(0, 1024, note="0: off, k: every k-th block"),
+    ("meta", "nonfinite_patience"): Range(1, INT_MAX),
+    ("criterion", "num_proto"): Range(1, INT_MAX, large=65536),
+    ("criterion", "temperature"): Range(0, 100, lo_open=True),
+    ("criterion", "start_sharpen"): Range(0, 100, lo_open=True),
+    ("criterion", "final_sharpen"): Range(0, 100, lo_open=True),
+    ("criterion", "memax_weight"): Range(0, 1e6),
+    ("criterion", "ent_weight"): Range(0, 1e6),
+    ("criterion", "batch_size"): Range(1, INT_MAX, large=8192, note="images per process"),
+    ("criterion", "sinkhorn_iters"): Range(0, 1000),
+    ("criterion", "prior_tau"): Range(0, 100, note="PMSN's power-law exponent; 0 is uniform"),
+    ("data", "num_workers"): Range(0, 1024),
+    ("data", "color_jitter_strength"): Range(0, 2.5, note="its hue jitter, 0.2 x it, must "
+                                                           "stay within 0.5"),
+    ("data", "label_smoothing"): Range(0, 1, hi_open=True),
+    ("data", "patch_drop"): Range(0, 1, hi_open=True),
+    ("data", "rand_size"): Range(1, INT_MAX, large=1024),
+    ("data", "focal_size"): Range(1, INT_MAX, large=1024),
+    ("data", "rand_views"): Range(1, INT_MAX, large=64, note="the masked anchor view"),
+    ("data", "focal_views"): Range(0, INT_MAX, large=256),
+    ("data", "max_bad_fraction"): Range(0, 1),
+    ("optimization", "epochs"): Range(1, 10 ** 6),
+    ("optimization", "warmup"): Range(0, 10 ** 6, note="in epochs"),
+    ("optimization", "start_lr"): Range(0, 10),
+    ("optimization", "lr"): Range(0, 10),
+    ("optimization", "final_lr"): Range(0, 10),
+    ("optimization", "weight_decay"): Range(0, 10),
+    ("optimization", "final_weight_decay"): Range(0, 10),
+    ("optimization", "clip_grad"): Range(0, 1e9, note="0: no clipping"),
+    ("optimization", "ipe_scale"): Range(0, 100, lo_open=True, note="the schedules' horizon "
+                                                                    "over the training steps"),
+    ("optimization", "start_momentum"): Range(0, 1),
+    ("optimization", "final_momentum"): Range(0, 1),
+    ("logging", "log_every"): Range(1, INT_MAX),
+    ("logging", "checkpoint_every_steps"): Range(0, INT_MAX, note="0: off"),
+    ("logging", "keep_last"): Range(0, INT_MAX, note="0: keep every checkpoint"),
+    ("logging", "peak_tflops"): Range(0, 1e9, note="0: known GPUs by name"),
+    ("eval", "knn_every_steps"): Range(0, INT_MAX, note="0: off"),
+    ("eval", "knn_train_per_class"): Range(1, INT_MAX),
+    ("eval", "knn_k"): Range(1, INT_MAX),
+    ("eval", "knn_crop"): Range(1, INT_MAX, large=1024),
+    ("eval", "knn_resize"): Range(1, INT_MAX, large=1024),
+    ("eval", "knn_batch_size"): Range(1, INT_MAX, large=8192),
+}
+# logging.write_tag names files in logging.folder: a plain name, never a path
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
+
+
 LOADERS = ("auto", "dali", "torch")
+PRIORS = ("uniform", "power_law")  # criterion.prior (msn_ds.loss.MSNLoss.PRIORS)
 COMPILE_BACKENDS = ("", "inductor", "aot_eager")
 
 
@@ -133,6 +238,46 @@ def defaults() -> dict[str, dict[str, Any]]:
     return {sec: {k: copy.deepcopy(v[1]) for k, v in keys.items()} for sec, keys in SCHEMA.items()}
 
 
+MAX_CONFIG_NODES = 100_000
+"""A config expanded through its YAML aliases (``*name``) past this many values is refused:
+nine nested aliases of nine ("a billion laughs") would otherwise expand to 10^9 values."""
+
+
+def read_text(path: str) -> str:
+    """A config file's text, which must be UTF-8: a Latin-1 file names the byte and where."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing a document that its aliases expand past
+    :data:`MAX_CONFIG_NODES` values (the size every later step would see)."""
+    value = yaml.safe_load(text)
+    budget = [MAX_CONFIG_NODES]
+
+    def walk(node: Any, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 100:
+            raise ConfigError(f"{source}: the YAML expands to more than {MAX_CONFIG_NODES} "
+                              "values or 100 levels through its aliases (*name); refused")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(k, depth + 1)
+                walk(v, depth + 1)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, depth + 1)
+
+    walk(value, 0)
+    return value
+
+
 def load_config(path: Optional[str], overrides: Iterable[str] = (), check_paths: bool = True
                 ) -> dict[str, dict[str, Any]]:
     """Defaults <- YAML file <- ``section.key=value`` overrides, then validated."""
@@ -141,11 +286,10 @@ def load_config(path: Optional[str], overrides: Iterable[str] = (), check_paths:
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        try:
+            raw = safe_yaml(read_text(path), path) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         for section, keys in raw.items():
@@ -167,7 +311,7 @@ def load_config(path: Optional[str], overrides: Iterable[str] = (), check_paths:
             raise ConfigError(f"command line: unknown section {section!r} in {item!r} "
                               f"(known: {', '.join(SCHEMA)})")
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = safe_yaml(text, f"override {dotted}") if text != "" else ""
         except yaml.YAMLError:
             value = text
         _set(cfg, section, key, value, "command line")
@@ -223,11 +367,21 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
     for (section, key), bad in UNSUPPORTED_IF.items():
         if cfg[section][key] == bad:
             fail(f"{section}.{key}", f"= {bad} is not supported by msn_ds (the reference "
-                 "configs set it to false)" + ("; resuming is not implemented yet"
+                 "configs set it to false)" + ("; resume with train.py --resume"
                                                if key == "load_checkpoint" else ""))
-    if cfg["meta"]["bottleneck"] != 1:
-        fail("meta.bottleneck", f"= {cfg['meta']['bottleneck']} is not supported (only 1, the "
-             "reference's value)")
+    allow_large = cfg["meta"]["allow_large"]
+    for (section, key), rng in RANGES.items():  # first: nothing below sees a bad number
+        value = cfg[section][key]
+        problem = None if value is None else rng.problem(value, allow_large)
+        if problem:
+            fail(f"{section}.{key}", problem)
+    tag = cfg["logging"]["write_tag"]
+    if not TAG_RE.fullmatch(tag) or ".." in tag:
+        fail("logging.write_tag", f"= {tag!r} must be a plain file name (letters, digits and "
+             "'_.+-', no '/' or '..'): it names <tag>-config.yaml and "
+             "<tag>-target.safetensors in logging.folder")
+    if not cfg["logging"]["folder"].strip():
+        fail("logging.folder", "must not be empty")
     from .models import resolve_arch  # late import: keeps config importable without timm
 
     try:
@@ -235,47 +389,20 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
     except ValueError as e:
         fail("meta.model_name", str(e))
 
-    positive = [("criterion", "batch_size"), ("criterion", "num_proto"), ("meta", "output_dim"),
-                ("meta", "hidden_dim"), ("data", "rand_size"), ("data", "focal_size"),
-                ("optimization", "epochs"), ("criterion", "temperature"),
-                ("criterion", "start_sharpen"), ("criterion", "final_sharpen"),
-                ("logging", "log_every")]
-    for section, key in positive:
-        if cfg[section][key] <= 0:
-            fail(f"{section}.{key}", f"must be > 0, got {cfg[section][key]}")
-    for section, key in [("data", "rand_views"), ("data", "focal_views"), ("data", "num_workers"),
-                         ("optimization", "warmup"), ("optimization", "clip_grad"),
-                         ("criterion", "sinkhorn_iters"), ("meta", "activation_checkpointing")]:
-        if cfg[section][key] < 0:
-            fail(f"{section}.{key}", f"must be >= 0, got {cfg[section][key]}")
     if cfg["meta"]["compile"] not in COMPILE_BACKENDS:
         fail("meta.compile", f"must be one of {COMPILE_BACKENDS}, got {cfg['meta']['compile']!r}")
-    if cfg["data"]["rand_views"] < 1:
-        fail("data.rand_views", "must be >= 1 (the masked anchor view)")
-    for section, key, lo, hi in [("data", "patch_drop", 0.0, 1.0),
-                                 ("data", "label_smoothing", 0.0, 1.0),
-                                 ("data", "max_bad_fraction", 0.0, 1.0 + 1e-9),
-                                 ("meta", "drop_path_rate", 0.0, 1.0)]:
-        v = cfg[section][key]
-        if not lo <= v < hi:
-            fail(f"{section}.{key}", f"must be in [{lo}, {hi:g}), got {v}")
-    m0, m1 = cfg["optimization"]["start_momentum"], cfg["optimization"]["final_momentum"]
-    if not (0.0 <= m0 <= 1.0 and 0.0 <= m1 <= 1.0):
-        fail("optimization.start_momentum/final_momentum", f"must be in [0, 1], got {m0}, {m1}")
     for key in ("rand_scale", "focal_scale"):
         v = cfg["data"][key]
-        if len(v) != 2 or not all(isinstance(x, _NUM) for x in v) or not 0 < v[0] <= v[1] <= 1:
+        if (len(v) != 2 or not all(isinstance(x, _NUM) and not isinstance(x, bool) for x in v)
+                or not 0 < v[0] <= v[1] <= 1):
             fail(f"data.{key}", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {v}")
     _check_views(cfg["data"], spec.patch_size, fail)
+    if cfg["criterion"]["prior"] not in PRIORS:
+        fail("criterion.prior", f"must be one of {', '.join(PRIORS)}, got "
+             f"{cfg['criterion']['prior']!r}")
     if cfg["data"]["loader"] not in LOADERS:
         fail("data.loader", f"must be one of {', '.join(LOADERS)}, got {cfg['data']['loader']!r}")
     ev = cfg["eval"]
-    for key in ("knn_every_steps",):
-        if ev[key] < 0:
-            fail(f"eval.{key}", f"must be >= 0, got {ev[key]}")
-    for key in ("knn_k", "knn_batch_size", "knn_crop", "knn_resize", "knn_train_per_class"):
-        if ev[key] is not None and ev[key] < 1:
-            fail(f"eval.{key}", f"must be >= 1, got {ev[key]}")
     if check_paths and ev["knn_every_steps"]:
         train, val = knn_folders(cfg)
         if not os.path.exists(train):
@@ -309,6 +436,44 @@ def _check_views(data: dict, patch: int, fail) -> None:
     if data["focal_views"] and data["focal_size"] >= data["rand_size"]:
         fail("data.focal_size", f"= {data['focal_size']} must be smaller than data.rand_size = "
              f"{data['rand_size']} (MSN's focal views are small crops of local detail)")
+
+
+def weights_metadata_problem(meta: Mapping[str, str],
+                             shapes: Mapping[str, Sequence[int]]) -> Optional[str]:
+    """Why a weights file's metadata cannot size the encoder it describes, or None. The
+    metadata (``hidden_dim``, ``output_dim``, ``img_size``) is checked against the ranges
+    of the config keys it stands for before anything is built from it: above their sanity
+    ceiling only when a tensor of the file (``shapes``: name -> shape) has that size, so a
+    forged ``hidden_dim`` cannot make a loader allocate terabytes."""
+    dims = {d for shape in shapes.values() for d in shape}
+    tokens = max((s[1] for k, s in shapes.items() if k.endswith("pos_embed") and len(s) > 1),
+                 default=0)
+    for key, (section, cfg_key) in (("hidden_dim", ("meta", "hidden_dim")),
+                                    ("output_dim", ("meta", "output_dim")),
+                                    ("img_size", ("data", "rand_size"))):
+        if key not in meta:
+            continue
+        try:
+            value = int(str(meta[key]).strip())
+        except ValueError:
+            return f"metadata {key}={meta[key]!r} is not an integer"
+        rng = RANGES[(section, cfg_key)]
+        if key == "img_size":
+            try:
+                from .models import resolve_arch
+
+                patch = resolve_arch(str(meta.get("arch", ""))).patch_size
+            except ValueError:
+                patch = 1
+            held = tokens >= (value // patch) ** 2 + 1
+        else:
+            held = value in dims
+        if rng.problem(value, allow_large=True):
+            return f"metadata {key}={value} is out of range: {rng.problem(value, True)}"
+        if rng.problem(value, allow_large=held):
+            return (f"metadata {key}={value} is above the sanity ceiling of {rng.large} and "
+                    "no tensor in the file has that size")
+    return None
 
 
 def train_folder(cfg: dict) -> str:

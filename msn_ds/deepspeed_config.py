@@ -9,7 +9,9 @@ import logging
 import os
 
 from . import distributed as D
-from .config import ConfigError
+from .config import ConfigError, read_text
+
+log = logging.getLogger(__name__)
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -20,11 +22,12 @@ def zero_stage(ds_config: dict) -> int:
 def read_ds_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"DeepSpeed config not found: {path}")
-    with open(path) as f:
-        try:
-            ds = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    try:
+        ds = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a DeepSpeed config") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: must be a JSON object of DeepSpeed sections, got a "
                           f"{type(ds).__name__}")
@@ -37,22 +40,32 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
     also sets must agree; a contradiction names both."""
     ds = copy.deepcopy(ds)
     micro = cfg["criterion"]["batch_size"]
-    accum = ds.get("gradient_accumulation_steps", 1)
-    if accum != 1:
-        raise ConfigError(f"{source}: gradient_accumulation_steps={accum}: MSN's Sinkhorn and "
-                          "me-max need the whole batch in one step; raise criterion.batch_size")
+    accum = accumulation_steps(ds, micro, world_size, source)
     checks = {"train_micro_batch_size_per_gpu": micro,
-              "train_batch_size": micro * world_size,
+              "train_batch_size": micro * world_size * accum,
               "gradient_clipping": float(cfg["optimization"]["clip_grad"])}
     yaml_key = {"train_micro_batch_size_per_gpu": "criterion.batch_size",
-                "train_batch_size": f"criterion.batch_size x {world_size} processes",
+                "train_batch_size": f"criterion.batch_size x {world_size} processes"
+                                    + (f" x gradient_accumulation_steps {accum}" if accum > 1
+                                       else ""),
                 "gradient_clipping": "optimization.clip_grad"}
     for key, want in checks.items():
         if key in ds and ds[key] != "auto" and float(ds[key]) != float(want):
             raise ConfigError(f"{source}: {key}={ds[key]} contradicts {yaml_key[key]}={want}")
         ds[key] = want
-    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_accumulation_steps"] = accum
     check_ds_config(ds, source)
+    if accum > 1:
+        refuse_accumulation(ds, cfg, accum, source)
+    if trainer_clips(ds):
+        # MSNTrainer clips on the device instead (same rule, no host values: see
+        # trainer_clips); DeepSpeed must not clip a second time
+        ds["gradient_clipping"] = 0.0
+    elif zero_stage(ds) == 0 and _enabled(ds, "bf16", "bfloat16", "fp16"):
+        log.warning("%s: ZeRO-0 in bf16/fp16: DeepSpeed's FP16_UnfusedOptimizer reads every "
+                    "gradient's overflow flag and each group's norm on the host at every step "
+                    "(a device wait each); use ZeRO-1, which keeps the same memory on one "
+                    "GPU and reads one flag per step", source)
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{source}: remove 'optimizer'/'scheduler': msn_ds builds AdamW with "
                           "the method's parameter groups and schedules them per step")
@@ -65,7 +78,93 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
                           " use a bf16 or fp32 config")
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10 ** 9)
+    _throughput_timer_off(ds, source)
     return ds
+
+
+def accumulation_steps(ds: dict, micro: int, world_size: int, source: str) -> int:
+    """DeepSpeed's ``gradient_accumulation_steps`` (``A``): the micro-batches of
+    ``criterion.batch_size`` images each process runs per optimizer step, exactly as one step
+    over ``A`` times the batch (msn_ds/accumulate.py: the gradient cache). Unset or
+    ``"auto"``: DeepSpeed's rule, ``train_batch_size / (micro-batch x processes)``, when the
+    JSON sets ``train_batch_size``, else 1."""
+    accum = ds.get("gradient_accumulation_steps", "auto")
+    total = ds.get("train_batch_size", "auto")
+    if accum == "auto" or accum is None:
+        if total == "auto" or total is None:
+            return 1
+        per_pass = micro * world_size
+        if not isinstance(total, int) or isinstance(total, bool) or total < per_pass \
+                or total % per_pass:
+            raise ConfigError(f"{source}: train_batch_size={total} is not a multiple of "
+                              f"criterion.batch_size x {world_size} processes = {per_pass}")
+        return total // per_pass
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise ConfigError(f"{source}: gradient_accumulation_steps={accum!r}: must be a whole "
+                          "number >= 1")
+    return accum
+
+
+def refuse_accumulation(ds: dict, cfg: dict, accum: int, source: str) -> None:
+    """What the gradient cache does not cover yet, refused before any work."""
+    why = None
+    zero = ds.get("zero_optimization", {})
+    if zero_stage(ds) == 3:
+        why = ("ZeRO-3 (not covered yet: its target encoder is a DeepSpeed engine of its "
+               "own, and ZeRO-3 resets its gradient partitions at a step's first backward, "
+               "which here reaches the head alone); use ZeRO-1/2")
+    elif _enabled(ds, "fp16"):
+        why = "fp16 (the cached gradient would be loss-scaled twice); use bf16"
+    elif any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
+             for k in ("offload_optimizer", "offload_param")):
+        why = "ZeRO-Offload; use ZeRO-1/2 on the device"
+    elif cfg["meta"]["compile"]:
+        why = f"meta.compile={cfg['meta']['compile']!r}; use meta.compile=''"
+    if why:
+        raise ConfigError(f"{source}: gradient_accumulation_steps={accum} is not supported with "
+                          f"{why}, or gradient_accumulation_steps=1")
+
+
+def _throughput_timer_off(ds: dict, source: str) -> None:
+    """DeepSpeed's throughput timer is on by default, ``synchronized``: since the engine
+    gets no training data it calls ``get_accelerator().synchronize()`` at each forward and
+    at each ``engine.step()`` (``deepspeed/utils/timer.py``, ``ThroughputTimer.start/stop``):
+    two whole-device waits per step, for a number we never read (the monitor measures
+    throughput itself). Off unless the JSON asks for it; then a warning says what it costs."""
+    timers = ds.setdefault("timers", {})
+    if not isinstance(timers, dict):
+        raise ConfigError(f"{source}: timers must be a JSON object, got {timers!r}")
+    if "throughput" not in timers:
+        timers["throughput"] = {"enabled": False, "synchronized": False}
+        return
+    mine = timers["throughput"]
+    if not isinstance(mine, dict):
+        raise ConfigError(f"{source}: timers.throughput must be a JSON object, got {mine!r}")
+    if mine.get("enabled", True) and mine.get("synchronized", True):  # DeepSpeed's defaults
+        log.warning("%s: timers.throughput is enabled and synchronized: DeepSpeed then waits "
+                    "for the device twice per step (at the forward and at engine.step()); "
+                    "set \"synchronized\": false or drop the section to step without waits",
+                    source)
+
+
+def _enabled(ds: dict, *sections: str) -> bool:
+    return any(isinstance(ds.get(k), dict) and ds[k].get("enabled", False) for k in sections)
+
+
+def trainer_clips(ds: dict) -> bool:
+    """ZeRO-0 in fp32: the trainer clips the gradients itself, on the device, between
+    ``engine.backward`` and ``engine.step`` (``torch.nn.utils.clip_grad_norm_`` with foreach),
+    and DeepSpeed's clipping is off. DeepSpeed's ``clip_grad_norm_`` (``runtime/utils.py``,
+    via ``engine.clip_fp32_gradients``) builds ``max_norm`` and ``1.0`` as device tensors
+    from host floats each step (on CUDA, a copy from pageable memory: a stream wait each)
+    and all-reduces a norm that every process already has. Same rule, provably: at ZeRO-0
+    the engine's backward has already averaged the gradients over processes, so every
+    process holds the gradients DeepSpeed's step would clip, and both scale them by
+    ``min(1, max_norm / (||g||_2 + 1e-6))`` over all the module's gradients. At ZeRO-1/2/3
+    the gradients are reduced and partitioned inside DeepSpeed's step, and bf16/fp16 clip
+    the fp32 master gradients there: DeepSpeed clips, as before."""
+    return (zero_stage(ds) == 0 and not _enabled(ds, "bf16", "bfloat16", "fp16", "torch_autocast")
+            and float(ds.get("gradient_clipping", 0.0) or 0.0) > 0.0)
 
 
 def check_ds_config(ds: dict, source: str) -> None:

@@ -273,17 +273,51 @@ class ShardedEMA:
         self.anchor = [p for p in anchor.parameters()]
         if len(self.target) != len(self.anchor):
             raise ValueError(f"target has {len(self.target)} parameters, anchor {len(self.anchor)}")
-        for t, a in zip(self.target, self.anchor):
-            if not hasattr(t, "ds_tensor") or t.ds_tensor.numel() != self._local_fp32(a).numel():
+        self._sources: Optional[list[torch.Tensor]] = None  # see _online
+        self._owner: Optional[tuple] = None
+        online = self._online()
+        for t, o in zip(self.target, online):
+            if not hasattr(t, "ds_tensor") or t.ds_tensor.numel() != o.numel():
                 raise ValueError("target and anchor are not partitioned alike (ZeRO-3 with the "
                                  "same world size is required)")
         # start from the anchor's fp32 master slices: exact, whatever the engines' dtype
-        self.slices = [self._local_fp32(a).detach().float().clone() for a in self.anchor]
+        self.slices = [o.detach().float().clone() for o in online]
         self._write()
+
+    def _online(self) -> list[torch.Tensor]:
+        """The anchor's fp32 master slices on this process.
+
+        Each ``safe_get_local_fp32_param`` synchronises ZeRO-3's ``reduce_and_partition_stream``
+        on CUDA (``stage3.py``, ``_get_fp32_opt_state_partition``): one host wait per
+        parameter per step if asked every step. What it returns is a view (``narrow``) of the
+        optimiser's persistent flat fp32 partition (``fp32_partitioned_groups_flat``), which
+        its step updates in place on the compute stream, the stream this EMA runs on. So the
+        views are looked up once and kept. They are looked up again only if the optimiser
+        has rebuilt those buffers (a new list, a new tensor or new storage: checked on the
+        host, from Python identities and data pointers, no device access). Under optimiser
+        offload on a GPU the accessor returns a device copy of a host partition, not a view:
+        then nothing is kept and each update asks again (that step waits for the host
+        optimiser anyway)."""
+        if self._sources is not None and self._owner_unchanged():
+            return self._sources
+        online = [self._local_fp32(a) for a in self.anchor]
+        self._sources, self._owner = None, None
+        opt = getattr(self.anchor[0], "_z3_optimizer", None)
+        flats = getattr(opt, "fp32_partitioned_groups_flat", None)
+        if flats and all(any(_is_view_of(o, f) for f in flats) for o in online):
+            self._sources = [o.detach() for o in online]
+            self._owner = (opt, flats, list(flats), [_storage_ptr(f) for f in flats])
+        return online
+
+    def _owner_unchanged(self) -> bool:
+        opt, flats, tensors, ptrs = self._owner
+        now = opt.fp32_partitioned_groups_flat
+        return now is flats and len(now) == len(tensors) and all(
+            a is b and _storage_ptr(a) == p for a, b, p in zip(now, tensors, ptrs))
 
     @torch.no_grad()
     def update(self, m: float, gate: Optional[torch.Tensor] = None) -> None:
-        online = [self._local_fp32(a).detach() for a in self.anchor]
+        online = [o.detach() for o in self._online()]
         _foreach_lerp_(self.slices, online, _weight(m, gate, self.slices[0].device))
         self._write()
 
@@ -321,6 +355,19 @@ class ShardedEMA:
         for k, v in state["buffers"].items():
             buffers[k].copy_(v)
         self._write()
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _is_view_of(view: torch.Tensor, flat: torch.Tensor) -> bool:
+    """``view`` shares ``flat``'s storage and lies inside it (host-side pointers only)."""
+    if view.device != flat.device or _storage_ptr(view) != _storage_ptr(flat):
+        return False
+    start = view.data_ptr() - flat.data_ptr()
+    return 0 <= start and start + view.numel() * view.element_size() <= \
+        flat.numel() * flat.element_size()
 
 
 def slice_for_rank(full: torch.Tensor, part: int, rank: int) -> torch.Tensor:

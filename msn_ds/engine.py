@@ -41,7 +41,7 @@ def init_encoder_(encoder: MSNEncoder, path: str, assign: bool = False) -> None:
     ``scripts/import_hf.py``/``import_msn.py``): the backbone always, its position embedding
     resampled to this run's grid; the head when the file has a trained one
     (metadata ``head`` is not ``absent``). The target then starts as a copy."""
-    from .io.weights import HEAD_PREFIX, TARGET_PREFIX, read_weights
+    from .io.weights import HEAD_PREFIX, TARGET_PREFIX, has_trained_head, read_weights
     from .models.vit import resample_pos_embed
 
     try:
@@ -56,7 +56,7 @@ def init_encoder_(encoder: MSNEncoder, path: str, assign: bool = False) -> None:
         side = math.isqrt(encoder.backbone.pos_embed.shape[1] - 1)
         backbone["pos_embed"] = resample_pos_embed(backbone["pos_embed"], (side, side))
     parts = [(encoder.backbone, backbone)]
-    if meta.get("head", "present") != "absent":
+    if has_trained_head(meta):
         parts.append((encoder.head, {k[len(HEAD_PREFIX):]: v for k, v in tensors.items()
                                      if k.startswith(HEAD_PREFIX)}))
     for module, state in parts:
@@ -130,6 +130,7 @@ def init_target(target: nn.Module, engine, ds_config: dict):
     if dtype == torch.float32:
         return target, PlainEMA(target, engine.module.encoder)
     target.to(dtype)
+    norm_stats_fp32_(target)
     return target, PartitionedEMA(target, engine.module.encoder, engine.optimizer)
 
 
@@ -161,4 +162,19 @@ def init_deepspeed(model: MSNModel, ds_config: dict):
 
     optimizer = build_optimizer(param_groups(model), ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    norm_stats_fp32_(engine.module)
     return engine
+
+
+def norm_stats_fp32_(module: nn.Module) -> None:
+    """BatchNorm running statistics back to fp32 after a cast of the whole module (DeepSpeed
+    casts its module to bf16/fp16 at ZeRO-0/1/2, and so does :func:`init_target`): a bf16
+    running variance would round every update of momentum 0.1 (``models.norm`` computes in
+    fp32 and writes into the buffers' dtype). Done right after the cast, while the
+    statistics still hold their exact initial 0/1; a checkpoint loads into fp32 buffers."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for name in ("running_mean", "running_var"):
+                b = getattr(m, name)
+                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                    setattr(m, name, b.float())

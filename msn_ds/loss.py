@@ -1,4 +1,4 @@
-"""The MSN criterion (DESIGN.md section 1). Knows tensors and process groups, nothing else."""
+"""The MSN criterion (docs/method.md section 1). Knows tensors and process groups, nothing else."""
 from __future__ import annotations
 
 import math
@@ -47,13 +47,21 @@ class MSNLoss(nn.Module):
     ``anchor_z``: ``[M*B, d]``, view-major (all images' view 1, then view 2, ...);
     ``target_z``: ``[B, d]``; ``prototypes``: ``[K, d]``.
 
-    loss = mean_anchors H(p+, p) + me_max_weight * (log K - H(p_bar)) + entropy_weight * mean H(p)
+    loss = mean_anchors H(p+, p) + me_max_weight * R(p_bar) + entropy_weight * mean H(p)
+
+    with ``R(p_bar) = log K - H(p_bar) = KL(p_bar || uniform)`` (me-max, ``prior="uniform"``),
+    or, with ``prior="power_law"`` (PMSN, Assran et al. 2023, arXiv 2210.07277),
+    ``R(p_bar) = KL(sort_desc(p_bar) || g)`` with ``g_k = k^(-prior_tau) / sum_j j^(-prior_tau)``,
+    ``k = 1..K``: the mean prediction, largest first, matched to the power law (sorting is the
+    pairing of prototypes to ranks that minimises the divergence; prototypes have no order).
 
     ``p_bar`` (me-max) and the Sinkhorn sums are global across processes. ``stats`` holds
-    detached tensors: ``ce``, ``me_max``, ``ent`` (this process's values; ``me_max`` is
-    global), ``np`` (distinct target argmaxes over the global batch), ``max_t`` (mean of the
-    largest target probability, this process).
+    detached tensors: ``ce``, ``me_max`` (the regulariser ``R``, whichever prior), ``ent``
+    (this process's values; ``me_max`` is global), ``np`` (distinct target argmaxes over the
+    global batch), ``max_t`` (mean of the largest target probability, this process).
     """
+
+    PRIORS = ("uniform", "power_law")
 
     STATS = ("ce", "me_max", "ent", "np", "max_t")  # the keys of ``stats``, in that order
 
@@ -66,10 +74,18 @@ class MSNLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, me_max_weight: float = 1.0,
                  entropy_weight: float = 0.0, use_sinkhorn: bool = True,
-                 label_smoothing: float = 0.0, sinkhorn_iters: int = 3):
+                 label_smoothing: float = 0.0, sinkhorn_iters: int = 3, prior: str = "uniform",
+                 prior_tau: float = 0.25):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if prior not in self.PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(self.PRIORS)}, got {prior!r}")
+        if not (math.isfinite(prior_tau) and prior_tau >= 0):
+            raise ValueError(f"prior_tau must be a finite number >= 0, got {prior_tau!r}")
+        self.prior = prior
+        self.prior_tau = float(prior_tau)
+        self._log_prior: dict = {}  # (K, dtype, device) -> log g, made once
         self.temperature = temperature
         self.me_max_weight = me_max_weight
         self.entropy_weight = entropy_weight
@@ -91,6 +107,23 @@ class MSNLoss(nn.Module):
         p = (1.0 - eps) * torch.softmax(logits, dim=1) + eps / num_proto
         return p, torch.log(p)
 
+    def log_prior(self, num_proto: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``log g`` of the power-law prior, ``[K]``, largest first: computed in float64 once
+        per (K, dtype, device), then cast (no host sync in the step)."""
+        key = (num_proto, dtype, str(device))
+        if key not in self._log_prior:
+            k = torch.arange(1, num_proto + 1, dtype=torch.float64)
+            log_g = -self.prior_tau * torch.log(k)
+            self._log_prior[key] = (log_g - torch.logsumexp(log_g, dim=0)).to(dtype=dtype,
+                                                                              device=device)
+        return self._log_prior[key]
+
+    def prior_divergence(self, avg_probs: torch.Tensor) -> torch.Tensor:
+        """``KL(sort_desc(p_bar) || g)``: PMSN's regulariser for the power-law prior ``g``."""
+        p = avg_probs.sort(descending=True).values
+        log_g = self.log_prior(p.shape[0], p.dtype, p.device)
+        return (p * (torch.log(p) - log_g)).sum()
+
     def forward(self, anchor_z: torch.Tensor, target_z: torch.Tensor,
                 prototypes: torch.Tensor, sharpen_T: float = 0.25):
         batch = target_z.shape[0]
@@ -111,7 +144,10 @@ class MSNLoss(nn.Module):
         ce = -(targets.repeat(num_views, 1) * log_probs).sum(dim=1).mean()
 
         avg_probs = all_reduce_mean(probs.mean(dim=0))
-        me_max = math.log(prototypes.shape[0]) - entropy(avg_probs, torch.log(avg_probs))
+        if self.prior == "uniform":
+            me_max = math.log(prototypes.shape[0]) - entropy(avg_probs, torch.log(avg_probs))
+        else:
+            me_max = self.prior_divergence(avg_probs)
         ent = entropy(probs, log_probs).mean()
 
         loss = ce

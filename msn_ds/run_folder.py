@@ -7,7 +7,14 @@ number, a save replaces the same step's folder), so before anything is written r
   holder); a second run is refused, naming the holder;
 * refuses a fresh run (no ``--resume``) over checkpoints already there, unless
   ``--overwrite``, which moves the old run aside to ``<folder>.old-<UTC time>/`` (nothing is
-  deleted); ``--resume auto`` resumes when there is a checkpoint and starts fresh otherwise.
+  deleted; only a folder holding nothing but a run's files is moved, never a folder that
+  holds anything else: ``logging.folder=. --overwrite`` in a repository is refused);
+  ``--resume auto`` resumes when there is a checkpoint and starts fresh otherwise.
+
+Nothing is written through a symbolic link planted in the folder: a ``.lock`` link is
+refused, ``<tag>-config.yaml`` is replaced in one rename (:func:`write_run_file`) and
+``metrics.jsonl`` is opened with ``O_NOFOLLOW`` (:func:`.io.atomic.open_append`), so a link's
+target is never touched.
 
 The lock is a POSIX record lock (``fcntl.lockf``) on ``.lock``: the kernel drops it when
 the holder dies, ``kill -9`` included, so a lock left by a dead run is simply free (the
@@ -24,6 +31,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -34,6 +42,14 @@ log = logging.getLogger("msn_ds")
 LOCK_NAME = ".lock"
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _HELD: dict[str, "RunLock"] = {}  # real path -> lock held by this process
+# what a run writes at the top of its folder (DeepSpeed adds its recovery scripts), and the
+# temporary files of an interrupted atomic write or conversion: --overwrite moves a folder
+# only when it holds nothing else
+RUN_FILE_RE = re.compile(
+    r"^(latest|metrics\.jsonl|tb|zero_to_fp32\.py|zero_to_torch\.py"
+    r"|global_step\d+(\.(partial|stale|universal))*(\.tmp)?"
+    r"|[A-Za-z0-9_][A-Za-z0-9_.+-]*-(config\.yaml|target\.safetensors))"
+    r"(\.\d+\.[0-9a-f]+\.tmp)?$")
 
 
 class RunFolderError(RuntimeError):
@@ -50,6 +66,41 @@ def folder_problem(folder: str) -> Optional[str]:
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         return f"{folder}: {parent} is a file, not a folder"
+    return None
+
+
+def output_problem(folder: str, tensorboard: bool, needed: int = 0) -> Optional[str]:
+    """Why the run could not write its outputs into ``folder``, or None; checked before any
+    work, so that a read-only folder, ``tb`` being a file, an unwritable ``metrics.jsonl`` or
+    a disk without room for one checkpoint (``needed`` bytes) fail with their names, not
+    with a traceback after DeepSpeed has started."""
+    path = os.path.abspath(folder)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" + ("" if existing == path else
+                                                 f" (it would hold {folder})")
+    outputs = [("metrics.jsonl", False)] + ([("tb", True)] if tensorboard else [])
+    for name, is_dir in outputs:
+        out = os.path.join(path, name)
+        if not os.path.lexists(out) or os.path.islink(out):  # a link is replaced, not used
+            continue
+        if os.path.isdir(out) != is_dir:
+            return f"{out} is {'not ' if is_dir else ''}a folder" + (
+                " (TensorBoard writes its logs into tb/; logging.tensorboard=false turns them "
+                "off)" if is_dir else "")
+        if not os.access(out, os.W_OK | (os.X_OK if is_dir else 0)):
+            return f"{out} is not writable"
+    try:
+        free = os.statvfs(existing).f_bavail * os.statvfs(existing).f_frsize
+    except OSError:
+        return None
+    if free < needed:
+        mib = 2 ** 20
+        return (f"{existing} has {free / mib:.0f} MiB free; one checkpoint of this model needs "
+                f"about {needed / mib:.0f} MiB. Free some space or choose another "
+                "logging.folder")
     return None
 
 
@@ -92,13 +143,37 @@ def _parse(text: str) -> dict:
 
 
 def read_holder(path: str) -> dict:
-    """The holder recorded in a lock file ({} if none or unreadable). Never call this in
-    the process holding an fcntl lock on ``path``: closing the file would release it."""
+    """The holder recorded in a lock file ({} if none, unreadable or a link). Never call
+    this in the process holding an fcntl lock on ``path``: closing the file would release
+    it."""
     try:
-        with open(path) as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
             return _parse(f.read())
-    except OSError:
+    except (OSError, ValueError):
         return {}
+
+
+def planted_link(path: str, what: str) -> RunFolderError:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return RunFolderError(
+        f"{path} is a symbolic link (to {target}), not the run's own {what}: a run never "
+        f"writes through a link (it would overwrite {target}). Remove the link ({path}) "
+        "and start again.")
+
+
+def write_run_file(path: str, text: str) -> None:
+    """A text file of the run folder (``<tag>-config.yaml``), written whole in one rename:
+    a symbolic link planted at ``path`` is replaced, its target left untouched."""
+    from .io.atomic import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write, what="the run's file")
 
 
 class RunLock:
@@ -132,6 +207,8 @@ class RunLock:
         if not os.path.isdir(self.folder):
             os.makedirs(self.folder)
             self.created_folder = True
+        if os.path.islink(self.path):
+            raise planted_link(self.path, "lock file")
         previous = None
         if self.method in ("auto", "fcntl"):
             try:
@@ -152,7 +229,12 @@ class RunLock:
         import fcntl
 
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # mode: the umask's
+            try:  # mode: the umask's; a link planted since the check above is refused
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise planted_link(self.path, "lock file") from None
+                raise
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -182,6 +264,8 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
+                if os.path.islink(self.path):  # O_EXCL never follows one
+                    raise planted_link(self.path, "lock file") from None
                 holder = read_holder(self.path)
                 if not holder:  # being written this instant, or garbage
                     time.sleep(0.2)
@@ -233,6 +317,12 @@ class RunLock:
 # --------------------------------------------------------------------------------------
 # Occupied folders, --overwrite, --resume auto
 # --------------------------------------------------------------------------------------
+def foreign_files(folder: str) -> list[str]:
+    """The names in ``folder`` that no run writes (see :data:`RUN_FILE_RE`), sorted."""
+    return sorted(n for n in os.listdir(folder)
+                  if n != LOCK_NAME and not RUN_FILE_RE.fullmatch(n))
+
+
 def move_aside(folder: str) -> str:
     """Move everything in ``folder`` but the lock to a new ``<folder>.old-<UTC time>[-N]``
     beside it; return that folder. Renames only: nothing is copied or deleted."""
@@ -304,6 +394,16 @@ def claim(folder: str, resume: Optional[str], overwrite: bool) -> Claim:
                     "(keep_last prunes by step across both). Give this run another "
                     "logging.folder.")
         elif overwrite:
+            foreign = foreign_files(folder)
+            if foreign:  # not a run folder (the repository, a home folder): move nothing
+                shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)"
+                                                  if len(foreign) > 5 else "")
+                raise RunFolderError(
+                    f"--overwrite: logging.folder {folder} holds files that no run writes "
+                    f"({shown}); --overwrite moves aside only a folder that holds nothing but "
+                    "a run's files (checkpoints, latest, metrics.jsonl, tb, <tag>-config.yaml, "
+                    "<tag>-target.safetensors). Give this run another logging.folder, or move "
+                    "those files out first.")
             if any(name != LOCK_NAME for name in os.listdir(folder)):
                 dest = move_aside(folder)
                 out.notes.append(f"--overwrite: moved the previous run in {folder} to {dest}")

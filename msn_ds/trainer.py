@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from . import distributed as D
+from .accumulate import accumulated_step
 from .ema import ShardedEMA
 from .engine import build_models, init_deepspeed, init_target
 from .io.checkpoint import ResumePlan, plan_resume
@@ -51,7 +52,8 @@ def build(cfg: dict, ds_config: dict, steps_per_epoch: int,
     engine = init_deepspeed(model, ds_config)
     target, ema = init_target(target, engine, ds_config)
     schedules = build_schedules(cfg, steps_per_epoch)
-    trainer = MSNTrainer(engine, target, ema, build_criterion(cfg), schedules, **step_options(cfg))
+    trainer = MSNTrainer(engine, target, ema, build_criterion(cfg), schedules, **step_options(cfg),
+                         accumulation=int(ds_config.get("gradient_accumulation_steps", 1)))
     return Training(engine, target, ema, schedules, trainer, plan)
 
 
@@ -59,7 +61,8 @@ def step_options(cfg: dict) -> dict[str, Any]:
     """The config values :class:`MSNTrainer` reads."""
     return {"masked_views": cfg["data"]["rand_views"], "mask_ratio": cfg["data"]["patch_drop"],
             "per_sample_mask": cfg["criterion"]["per_sample_mask"],
-            "seed": cfg["meta"]["seed"], "nonfinite_patience": cfg["meta"]["nonfinite_patience"]}
+            "seed": cfg["meta"]["seed"], "nonfinite_patience": cfg["meta"]["nonfinite_patience"],
+            "clip_grad": float(cfg["optimization"]["clip_grad"])}
 
 
 def build_criterion(cfg: dict) -> MSNLoss:
@@ -69,7 +72,8 @@ def build_criterion(cfg: dict) -> MSNLoss:
                    entropy_weight=crit["ent_weight"] if crit["use_ent"] else 0.0,
                    use_sinkhorn=crit["use_sinkhorn"],
                    label_smoothing=cfg["data"]["label_smoothing"],
-                   sinkhorn_iters=crit["sinkhorn_iters"])
+                   sinkhorn_iters=crit["sinkhorn_iters"], prior=crit["prior"],
+                   prior_tau=crit["prior_tau"])
 
 
 def build_schedules(cfg: dict, steps_per_epoch: int) -> Schedules:
@@ -139,7 +143,7 @@ class MSNTrainer:
 
     def __init__(self, engine, target, ema, criterion: MSNLoss, schedules: Schedules, *,
                  masked_views: int, mask_ratio: float, per_sample_mask: bool, seed: int,
-                 nonfinite_patience: int):
+                 nonfinite_patience: int, clip_grad: float = 0.0, accumulation: int = 1):
         self.engine = engine
         self.target = target
         self.ema = ema
@@ -150,6 +154,7 @@ class MSNTrainer:
         self.per_sample_mask = per_sample_mask
         self.seed = seed
         self.nonfinite_patience = nonfinite_patience
+        self.accumulation = accumulation  # micro-batches per step (msn_ds/accumulate.py)
         self.nonfinite_run = 0
         self.stop_level = 0
         self.device = torch.device(engine.device)
@@ -157,6 +162,11 @@ class MSNTrainer:
         self.optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
         self.gated = bool(getattr(self.optimizer, "defaults", {}).get("fused"))
         self.target_dtype = next(self.target.parameters()).dtype
+        # ZeRO-0 fp32: clipped here, on the device (deepspeed_config.trainer_clips); the
+        # resolved config has turned DeepSpeed's clipping off. Elsewhere DeepSpeed clips.
+        self.clip_grad = clip_grad if (
+            clip_grad > 0 and float(getattr(engine, "gradient_clipping", lambda: 0.0)() or 0.0) == 0
+            and engine.zero_optimization_stage() == 0 and self.dtype == torch.float32) else 0.0
         # BatchNorm running statistics of both encoders: the forward updates them before the
         # step is known to be finite, so a skipped step puts them back (on the device)
         self.norm_stats = [b for module in (self.model, self.target) for m in module.modules()
@@ -182,6 +192,8 @@ class MSNTrainer:
         """One update. ``log``: a logging step, where the gradient norm is read (the one
         place a host sync is allowed). ``stop``: this process wants to stop, at this
         :class:`~msn_ds.distributed.StopRequest` level (0: it does not)."""
+        if self.accumulation > 1:  # exact large batch through the gradient cache
+            return StepOutput(*accumulated_step(self, views, step, log, stop))
         sched = self.schedules.at(step)
         self.set_hparams(sched["lr"], sched["wd"])
         views = [v.to(self.device, non_blocking=True) for v in views]
@@ -204,13 +216,15 @@ class MSNTrainer:
 
         if self.gated:
             self.engine.backward(loss)
-            grad_norm = self._grad_norm_stage0() if log else None
+            grad_norm = self._clip() if self.clip_grad else (
+                self._grad_norm_stage0() if log else None)
             self.optimizer.found_inf = 1.0 - finite  # fused AdamW skips on the device
             self.engine.step()
             self.ema.update(sched["momentum"], gate=finite)
         elif bool(finite.item()):  # host-side optimiser: it waits for the host anyway
             self.engine.backward(loss)
-            grad_norm = self._grad_norm_stage0() if log else None
+            grad_norm = self._clip() if self.clip_grad else (
+                self._grad_norm_stage0() if log else None)
             self.engine.step()
             self.ema.update(sched["momentum"])
         else:
@@ -248,6 +262,12 @@ class MSNTrainer:
                 self.nonfinite_run = 0
             self.stop_level = max(self.stop_level, round(-neg_stop))
         return skipped
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the (already averaged) gradients to ``clip_grad`` on the device; returns the
+        norm before clipping (DeepSpeed's rule: ``min(1, clip / (norm + 1e-6))``)."""
+        grads = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(grads, self.clip_grad, foreach=True).detach()
 
     def _grad_norm_stage0(self) -> Optional[torch.Tensor]:
         """DeepSpeed reports the norm only from its ZeRO / mixed-precision optimisers."""

@@ -11,10 +11,22 @@ the FLOPs per image of msn_ds/monitor/flops.py over the step's actual token coun
         --deepspeed_config ds_configs/zero1_bf16.json
     python scripts/bench_step.py --models vit_large_7 --batch-sizes 32 --find-max-batch \\
         --nproc 8 --deepspeed_config ds_configs/zero3_bf16.json meta.activation_checkpointing=1
+    # with a yardstick: each trial also times a plain PyTorch MSN step (no DeepSpeed)
+    python scripts/bench_step.py --models vit_small_16 --batch-sizes 256 --baseline plain \\
+        --deepspeed_config ds_configs/zero1_bf16.json
     # CPU smoke run (CI): tiny model, small views
     DS_ACCELERATOR=cpu python scripts/bench_step.py --models vit_pico_4 --batch-sizes 8 \\
         --deepspeed_config ds_configs/zero0_fp32.json data.rand_size=32 data.focal_size=16 \\
         data.focal_views=2
+
+``--baseline plain`` times, beside each (model, batch), a plain PyTorch MSN step of our own
+in its own child (:func:`run_plain`): the same encoder and prototypes from msn_ds's builder
+(timm's ViT, SDPA attention), the same views, token drop and loss, bf16 autocast when the
+DeepSpeed config enables bf16 (fp32 otherwise), ``torch.optim.AdamW`` (fused) with the same
+parameter groups and schedules, clipping by ``optimization.clip_grad``, and a foreach EMA
+(``torch._foreach_lerp_``) of the fp32 weights into the target; no DeepSpeed, one process.
+The table then has a ``step`` column (ours / plain) and **ours/plain**, our images/s over
+the plain step's: above 1, our step is faster.
 
 Extra ``section.key=value`` arguments override --config (default: the reference ViT-S/16
 recipe, 224 px target and anchor views, 10 focal 96 px views, patch drop 0.15).
@@ -53,12 +65,13 @@ import torch
 from msn_ds import distributed as D
 from msn_ds.config import ConfigError, load_config
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config, zero_stage
-from msn_ds.engine import configure_precision
+from msn_ds.engine import build_models, configure_precision, param_groups
+from msn_ds.masking import mask_generator
 from msn_ds.io.atomic import atomic_write
 from msn_ds.monitor.flops import StepShape, mfu, peak_flops
 from msn_ds.monitor.progress import peak_memory_gib
 from msn_ds.monitor.table import Column, format_row, format_table
-from msn_ds.trainer import build
+from msn_ds.trainer import build, build_criterion, build_schedules, step_options
 
 OOM_EXIT = 3  # a trial child's exit code when it ran out of device memory
 OOM_ERROR = "out of memory"
@@ -162,6 +175,92 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
             torch.cuda.empty_cache()
 
 
+def plain_device() -> torch.device:
+    """Where our step would run, found without DeepSpeed: the CPU under
+    ``DS_ACCELERATOR=cpu`` or without CUDA, else GPU 0 (the plain step is one process)."""
+    if os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def run_plain(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
+    """The yardstick: a plain PyTorch MSN step of our own, timed like :func:`run_one`.
+
+    The same models (msn_ds's builder: timm's ViT with SDPA attention, our head and
+    prototypes, the fp32 target), views, token drop, loss and schedules as our step; bf16
+    autocast when the DeepSpeed config enables bf16, else fp32; fused ``torch.optim.AdamW``
+    over the method's parameter groups, ``clip_grad_norm_`` (foreach) by
+    ``optimization.clip_grad``, and a foreach EMA of the fp32 weights into the fp32 target.
+    No DeepSpeed, no process group, no non-finite gate. Raises on out-of-memory."""
+    ds = read_ds_config(ds_path)
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError("--baseline plain: fp16 configs are not supported (bf16 or fp32)")
+    bf16 = bool(ds.get("bf16", {}).get("enabled"))
+    device = plain_device()
+    configure_precision(device)
+    model, target = build_models(cfg)
+    model.to(device)
+    target.to(device)
+    opt = torch.optim.AdamW(param_groups(model), lr=0.0, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0, fused=True)
+    criterion, schedules = build_criterion(cfg), build_schedules(cfg, steps_per_epoch=1000)
+    options, clip = step_options(cfg), float(cfg["optimization"]["clip_grad"])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ema_t, ema_o = list(target.parameters()), list(model.encoder.parameters())
+    batch = cfg["criterion"]["batch_size"]
+    views = synthetic_views(cfg, batch, device)
+
+    def step(i: int) -> torch.Tensor:
+        sched = schedules.at(i)
+        for group in opt.param_groups:
+            group["lr"] = sched["lr"]
+            if not group.get("wd_exclude", False):
+                group["weight_decay"] = sched["wd"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                target_z = target(views[0])
+            anchor_z, prototypes = model(views[1:], masked_views=options["masked_views"],
+                                         mask_ratio=options["mask_ratio"],
+                                         per_sample_mask=options["per_sample_mask"],
+                                         generator=mask_generator(options["seed"], i))
+        loss, _ = criterion(anchor_z, target_z, prototypes, sched["T"])  # fp32, as ours
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(trained, clip, foreach=True)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_t, ema_o, 1.0 - sched["momentum"])
+        return loss.detach()
+
+    try:
+        if os.environ.get(FAKE_OOM_ENV) == str(batch):
+            raise RuntimeError(FAKE_OOM_MESSAGE)
+        for i in range(warmup):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with Timer(device) as t:
+            for i in range(warmup, warmup + steps):
+                loss = step(i)
+        step_s = t.seconds / steps
+        per_image = StepShape.from_config(cfg).flops_per_image()
+        ips = batch / step_s
+        return {"model": cfg["meta"]["model_name"], "batch_per_device": batch, "step": "plain",
+                "world_size": 1, "step_ms": 1e3 * step_s, "img_per_s": ips,
+                "img_per_s_per_device": ips, "peak_gib": peak_memory_gib(device),
+                "gflop_per_image": per_image / 1e9, "tflops_per_device": ips * per_image / 1e12,
+                "mfu": mfu(ips, per_image, peak_flops(device)), "loss": float(loss),
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "bf16": bf16, "activation_checkpointing": cfg["meta"]["activation_checkpointing"]}
+    finally:
+        del model, target, opt, views
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def trial_config(spec: dict) -> dict:
     return load_config(spec["config"], [*spec["overrides"], f"meta.model_name={spec['model']}",
                                         f"criterion.batch_size={spec['batch']}"],
@@ -181,9 +280,13 @@ def trial_main(spec: dict) -> int:
     its peers may be stuck in a collective, and tearing down their process group would hang."""
     D.setup_env()
     report = f"{spec['out']}.rank{os.environ['RANK']}.json"
+    plain = spec.get("baseline") == "plain"
     try:
-        D.init_process_group()
-        row = run_one(trial_config(spec), spec["ds_path"], spec["steps"], spec["warmup"])
+        if plain:  # one process, no process group: nothing of DeepSpeed
+            row = run_plain(trial_config(spec), spec["ds_path"], spec["steps"], spec["warmup"])
+        else:
+            D.init_process_group()
+            row = run_one(trial_config(spec), spec["ds_path"], spec["steps"], spec["warmup"])
         row["pid"] = os.getpid()
     except Exception as e:  # noqa: BLE001  every failure must reach the parent as a report
         oom = is_oom(e)
@@ -195,7 +298,8 @@ def trial_main(spec: dict) -> int:
         os._exit(OOM_EXIT if oom else 1)
     if D.is_main():
         _write_json(report, row)
-    D.cleanup()
+    if not plain:
+        D.cleanup()
     return 0
 
 
@@ -265,6 +369,8 @@ def run_trial(spec: dict) -> tuple[str, dict]:
     ds_path, steps, warmup) plus the launch keys ``nproc`` and ``timeout``."""
     nproc, timeout = int(spec.get("nproc", 1)), float(spec.get("timeout", 900))
     head = {"model": spec["model"], "batch_per_device": spec["batch"]}
+    if spec.get("baseline"):
+        head["step"] = spec["baseline"]
     script = os.path.abspath(__file__)
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         out = os.path.join(tmp, "trial")
@@ -331,15 +437,35 @@ COLUMNS = (Column("model", 14, align="<"), Column("batch/dev", 10), Column("step
            Column("GFLOP/img", 11, ".2f"), Column("TFLOP/s", 9, ".2f"), Column("MFU", 7))
 
 
+BASELINE_COLUMNS = (*COLUMNS[:2], Column("step", 7, align="^"), *COLUMNS[2:],
+                    Column("ours/plain", 11))
+
+
+def ratio(ours: dict, plain: dict) -> float | None:
+    """Our images/s over the plain step's (None when either has no timing)."""
+    if "img_per_s" in ours and "img_per_s" in plain and plain["img_per_s"] > 0:
+        return ours["img_per_s"] / plain["img_per_s"]
+    return None
+
+
 def format_results(rows: list[dict]) -> str:
+    """The table; with a baseline (rows carrying ``step``), a ``step`` column and, on our
+    rows, ``ours/plain``."""
+    baseline = any("step" in r for r in rows)
+    columns = BASELINE_COLUMNS if baseline else COLUMNS
+
     def line(r):
-        key = (r["model"], r["batch_per_device"])
+        key = (r["model"], r["batch_per_device"]) + ((r.get("step", "ours"),) if baseline else ())
         if "error" in r:
-            return f"{format_row(COLUMNS, key)}  {r['error']}"
+            return f"{format_row(columns, key)}  {r['error']}"
         m = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        return (*key, r["step_ms"], r["img_per_s"], r["peak_gib"], r["gflop_per_image"],
-                r["tflops_per_device"], m)
-    return format_table(COLUMNS, [line(r) for r in rows], rule=True)
+        values = (*key, r["step_ms"], r["img_per_s"], r["peak_gib"], r["gflop_per_image"],
+                  r["tflops_per_device"], m)
+        if baseline:
+            x = r.get("ours_over_plain")
+            values += (f"{x:.2f}x" if x is not None else "-",)
+        return values
+    return format_table(columns, [line(r) for r in rows], rule=True)
 
 
 def parse_args(argv=None):
@@ -357,6 +483,9 @@ def parse_args(argv=None):
                    help="processes (GPUs) per trial, on this node, via torch.distributed.run")
     p.add_argument("--trial-timeout", type=float, default=900.0,
                    help="seconds before a trial's processes are stopped and it counts as failed")
+    p.add_argument("--baseline", choices=["plain"], default=None,
+                   help="also time a plain PyTorch MSN step (no DeepSpeed) per (model, batch) "
+                        "and print ours/plain")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--trial", default=None, help=argparse.SUPPRESS)  # child: a JSON trial spec
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -374,6 +503,9 @@ def main(argv=None) -> int:
         return 2
     if args.nproc < 1:
         print(f"error: --nproc {args.nproc}: need at least 1", file=sys.stderr)
+        return 2
+    if args.baseline and args.nproc != 1:
+        print("error: --baseline plain runs one process; use --nproc 1", file=sys.stderr)
         return 2
 
     def spec_for(model: str):
@@ -394,32 +526,56 @@ def main(argv=None) -> int:
         return 2
 
     rows, failed = [], False
-    for model in args.models:
-        for b in args.batch_sizes:
-            status, row = run_trial({**spec_for(model)(b), "ds_path": args.deepspeed_config,
-                                     "steps": args.steps, "warmup": args.warmup})
-            rows.append(row)
-            failed |= status == "error"
-        if args.find_max_batch:
-            try:
-                best = find_max_batch(spec_for(model), args.deepspeed_config,
-                                      min(args.batch_sizes))
-                rows.append({"model": model, "batch_per_device": best,
-                             "error": "largest batch per device that fits"})
-            except TrialFailed as e:
-                rows.append({"model": model, "batch_per_device": 0,
-                             "error": f"max-batch search {e}"})
-                failed = True
+    try:
+        for model in args.models:
+            failed |= run_model(args, spec_for(model), model, rows)
+    except KeyboardInterrupt:  # e.g. a stage's timeout: report what was measured
+        rows.append({"model": "-", "batch_per_device": 0, "error": "interrupted"})
+        failed = True
     d = trial_config(spec_for(args.models[0])(args.batch_sizes[0]))["data"]
     print(f"\nMSN step: {os.path.basename(args.deepspeed_config)}, {args.nproc} "
           f"process(es), views {1 + d['rand_views']}x{d['rand_size']} + "
           f"{d['focal_views']}x{d['focal_size']}, patch drop {d['patch_drop']}, "
-          f"{args.steps} timed steps after {args.warmup}")
+          f"{args.steps} timed steps after {args.warmup}"
+          + (", beside a plain PyTorch step (ours/plain: images/s ratio)" if args.baseline
+             else ""))
     print(format_results(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 1 if failed else 0
+
+
+def run_model(args, spec_for, model: str, rows: list[dict]) -> bool:
+    """The trials of one model (and its plain baselines, its max-batch search), appended to
+    ``rows``; whether any failed."""
+    failed = False
+    for b in args.batch_sizes:
+        spec = {**spec_for(b), "ds_path": args.deepspeed_config, "steps": args.steps,
+                "warmup": args.warmup}
+        status, row = run_trial(spec)
+        failed |= status == "error"
+        if args.baseline:
+            row.setdefault("step", "ours")
+            rows.append(row)
+            status, plain = run_trial({**spec, "baseline": args.baseline})
+            failed |= status == "error"
+            x = ratio(row, plain)
+            if x is not None:
+                row["plain_img_per_s"], row["ours_over_plain"] = plain["img_per_s"], x
+            rows.append(plain)
+        else:
+            rows.append(row)
+    if args.find_max_batch:
+        try:
+            best = find_max_batch(spec_for, args.deepspeed_config, min(args.batch_sizes))
+            rows.append({"model": model, "batch_per_device": best,
+                         "error": "largest batch per device that fits"})
+        except TrialFailed as e:
+            rows.append({"model": model, "batch_per_device": 0,
+                         "error": f"max-batch search {e}"})
+            failed = True
+    return failed
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ included): a file naming any other type is refused (exit 2), since unpickling a 
 checkpoint could run code. A full disk: a message with the space needed and free, exit 1.
 """
 import argparse
+import os
 import sys
 
 from msn_ds.io.atomic import SaveError
@@ -24,6 +25,13 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="run folder (uses its latest checkpoint) or global_stepN folder")
     p.add_argument("--out", required=True, help="output file (.safetensors, or .pth)")
     args = p.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        why = ("is a folder (give a file name)" if os.path.isdir(args.out) else
+               f"cannot be written: {folder} " + ("does not exist" if not os.path.isdir(folder)
+                                                 else "is not writable"))
+        print(f"error: --out {args.out} {why}", file=sys.stderr)
+        return 2
     try:
         meta = consolidate(args.checkpoint, args.out)
     except CheckpointError as e:

@@ -11,8 +11,7 @@ import sys
 import torch
 
 from eval.logistic import run_fewshot
-from msn_ds.io.weights import load_encoder
-from msn_ds.models import MSNEncoder
+from msn_ds.io.weights import build_encoder, load_encoder
 from msn_ds.monitor.table import Column, format_table
 
 
@@ -33,8 +32,7 @@ def main(argv=None) -> int:
         return 2
     trained, meta = load_encoder(args.weights)
     torch.manual_seed(0)
-    random = MSNEncoder(meta["arch"], img_size=int(meta["img_size"]),
-                        hidden_dim=int(meta["hidden_dim"]), output_dim=int(meta["output_dim"])).eval()
+    random = build_encoder(meta).eval()  # the trained one's shape, use_bn included
     kw = dict(lambd=args.lambd, crop=args.crop, resize=args.resize)
     results = {
         f"MSN {meta['arch']} (step {meta.get('step', '?')})": run_fewshot(trained, args.root, files, **kw),

@@ -1,56 +1,79 @@
 #!/usr/bin/env bash
-# Wheels for the lent GPU nodes (Python 3.12, x86-64, torch 2.11 cu13, no network), which
-# lack DeepSpeed, DALI and their dependencies. Run here, where PyPI is reachable:
+# Wheels for the lent GPU machine (Python 3.12, x86-64, torch 2.11 cu13, no network), which
+# lacks DeepSpeed, DALI and some of their dependencies. Run here, where pip reaches PyPI:
 #
-#   bash scripts/fetch_device_wheels.sh [DIR]           # fill DIR (default .device_wheels)
-#   bash scripts/fetch_device_wheels.sh --check [DIR]   # only the resolution check of DIR
+#   bash scripts/fetch_device_wheels.sh --core [DIR]   # only what device_check.sh --core needs
+#   bash scripts/fetch_device_wheels.sh [DIR]          # that, and the DALI set for --dali
+#   bash scripts/fetch_device_wheels.sh --check [DIR]  # only the resolution check of DIR
+#   bash scripts/fetch_device_wheels.sh --list         # what --core fetches, expected sizes
 #
-# DIR/base/*.whl    DeepSpeed (built here) and the small wheels (a few MB, one call carries them)
-# DIR/dali/part-*   DALI for CUDA 13 and its NVIDIA codec libraries (~260 MB), as one tar
-#                   split into 60 MiB parts: one call carries at most 64 MiB, so each part
-#                   travels in its own call to the same warm machine
-# DIR/dali/SHA256SUMS  sums of the parts and of the wheels inside them
+# DIR (default .device_wheels, git-ignored):
+#   base/*.whl       the core set, ~7 MB, carried by every call: DeepSpeed (built here as a
+#                    pure wheel), its dependencies the machine lacks, and mlxtend
+#   dali_base/*.whl  DALI's small pure dependencies (optree among them: it stays out of the
+#                    core call, so it cannot change torch's pytree path there)
+#   dali/part-*      DALI for CUDA 13 and its codec libraries (~260 MB) as one tar split into
+#                    parts of at most 60 MiB (a call carries at most 64 MiB in all), one call
+#                    each to the same warm machine; dali/SHA256SUMS: the parts' and wheels' sums
 #
-# The small wheels sit in base/, not in DIR itself, because a call can only carry whole
-# paths (8 at most): carrying DIR would drag every part along.
-# scripts/device_check.sh joins the parts there and installs everything with --no-deps.
+# Each directory is one carry path, so a call takes only what it needs (8 paths at most).
+# scripts/device_check.sh installs them with --no-deps; docs/device-check.md has the calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 
-MODE=fetch
-if [[ ${1:-} == --check ]]; then MODE=check; shift; fi
+MODE=all
+case ${1:-} in
+    --check) MODE=check; shift ;;
+    --core) MODE=core; shift ;;
+    --list) MODE=list; shift ;;
+esac
 DIR=${1:-.device_wheels}
 PLAT=(--python-version 3.12 --implementation cp
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
       --platform manylinux1_x86_64 --only-binary=:all:)
 
-# The versions installed in .venv, where the CPU suite runs them, except DALI's codec libraries
-# (the cu13 ones DALI 2.4.0 asks for). Requires-Dist of each, less what the node has:
-#   deepspeed: hjson, pydantic>=2 (einops, msgpack, ninja, numpy, packaging, psutil,
-#              py-cpuinfo, torch, tqdm are on the node)
-#   pydantic 2.14.4: pydantic-core==2.50.5, annotated-types, typing-inspection,
-#              typing-extensions>=4.16.0 (the node's version is unknown: carried, it shadows
-#              the node's through PYTHONPATH; the module only ever adds names)
-#   nvidia-dali-cuda130 2.4.0: astunparse, gast, optree, nvtx (the Python package, not the
-#              node's nvidia-nvtx), makefun, libcst~=1.8, nvidia-nvimgcodec-cu13[all]
-#              (nvjpeg, nvjpeg2k, nvtiff, libnvcomp), nvidia-libnvcomp-cu13==5.3.0.16
-#              (six, numpy, packaging on the node; astunparse's wheel, libcst's pyyaml too)
-#   mlxtend: scripts/make_demo_data.py reads the MNIST digits it bundles (its own
-#              requirements, scipy, pandas, scikit-learn, matplotlib, joblib, are on the node)
+# The versions installed in .venv, where the CPU suite runs them. Requires-Dist of each
+# (`unzip -p W '*/METADATA' | grep ^Requires-Dist`, extras left out), less what the machine
+# has (/work/.library/device KINDS.md, 'Python packages already there'):
+#   deepspeed 0.19.8: hjson, pydantic>=2.0.0 (einops, msgpack, ninja, numpy, packaging,
+#              psutil, py-cpuinfo, torch, tqdm are on the machine: not carried)
+#   pydantic 2.14.4: pydantic-core==2.50.5, annotated-types>=0.6.0, typing-inspection>=0.4.4,
+#              typing-extensions>=4.16.0 (the machine has typing-extensions at a version not
+#              read: carried, it shadows the machine's through PYTHONPATH; the module only
+#              ever adds names)
+#   mlxtend 0.25.0: tests/test_gpu.py's demo data (scripts/make_demo_data.py reads the MNIST
+#              digits it bundles; scipy, pandas, scikit-learn, matplotlib, joblib are there)
+#   nvidia-dali-cuda130 2.4.0 (the DALI set only): astunparse, gast, optree, nvtx (the
+#              Python package, not the machine's nvidia-nvtx), makefun, libcst~=1.8,
+#              nvidia-nvimgcodec-cu13[all] (nvjpeg, nvjpeg2k, nvtiff, libnvcomp),
+#              nvidia-libnvcomp-cu13==5.3.0.16 (six, numpy, packaging, pyyaml are there)
 BASE=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
-      typing-inspection==0.4.5 typing-extensions==4.16.0
-      astunparse==1.6.3 gast==0.7.0 optree==0.20.0 nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0
-      mlxtend==0.25.0)
+      typing-inspection==0.4.5 typing-extensions==4.16.0 mlxtend==0.25.0)
+DALI_BASE=(astunparse==1.6.3 gast==0.7.0 optree==0.20.0 nvtx==0.2.17 makefun==1.16.0
+           libcst==1.9.0)
 DALI=(nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20
       nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.3.2.43
       nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvtiff-cu13==0.8.0.82)
+# Sizes seen when fetched here (2026-12-03), for --list before any fetch.
+EXPECTED="deepspeed-0.19.8-py3-none-any.whl 2168865
+hjson-3.1.0-py3-none-any.whl 54018
+pydantic-2.14.4-py3-none-any.whl 494865
+pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl 2264846
+annotated_types-0.8.0-py3-none-any.whl 13427
+typing_inspection-0.4.5-py3-none-any.whl 14874
+typing_extensions-4.16.0-py3-none-any.whl 45571
+mlxtend-0.25.0-py3-none-any.whl 1355323"
 
-# What the node has (tools/device KINDS.md, 'Python packages already there', read 2026-11-17,
-# plus the brief's list), with the versions seen there where known: the dry run below gives
-# each one a metadata-only stub wheel, so pip must find every other requirement among the
-# carried wheels. Versions not seen on the node are taken from .venv (a stand-in).
+if [[ $MODE == list ]]; then
+    echo "$EXPECTED"
+    exit 0
+fi
+
+# What the machine has, with the versions seen there where known: the check below gives each
+# one a metadata-only stub wheel, so pip must find every other requirement among the carried
+# wheels. Versions not seen on the machine are taken from .venv (a stand-in).
 NODE_KNOWN="torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 triton==3.6.0 numpy==2.5.2
   safetensors==0.8.0 transformers==5.17.0 tokenizers==0.23.2 huggingface-hub==1.33.0
   accelerate==1.15.0 jax==0.11.2 jaxlib==0.11.2 onnx==1.23.1 torchmetrics==1.9.0"
@@ -79,25 +102,21 @@ NODE_NAMES="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annot
   treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
   werkzeug wheel wrapt xarray xxhash yarl zipp"
 
-check() {
-    local tmp stubs
+# resolve NAME DIRS... -- REQS...: with full dependency resolution, from the wheels in DIRS
+# and stubs of the machine's packages alone, pip must satisfy REQS; every wheel in DIRS must
+# be used (a carried wheel nothing needs is a mistake), and no project may come twice.
+resolve() {
+    local name=$1 tmp dirs=() reqs
+    shift
+    while [[ $1 != -- ]]; do dirs+=("$1"); shift; done
+    shift
+    reqs=("$@")
     tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' RETURN
-    [[ -f $DIR/dali/SHA256SUMS ]] || { echo "error: $DIR/dali/SHA256SUMS missing" >&2; return 1; }
-    # the DALI wheels re-joined from the parts, exactly as device_check.sh does on the node
-    (cd "$DIR/dali" && grep ' part-' SHA256SUMS | sha256sum --quiet -c -)
-    cat "$DIR"/dali/part-* | tar -x -C "$tmp"
-    (grep '\.whl$' "$DIR/dali/SHA256SUMS" | sed "s|  |  $tmp/|" | sha256sum --quiet -c -)
-    # one version of each project: two would stop the node's install
     local dup
-    dup=$(ls "$DIR"/base/*.whl "$tmp"/*.whl | xargs -n1 basename | cut -d- -f1 | tr A-Z a-z \
+    dup=$(for d in "${dirs[@]}"; do ls "$d"; done | grep '\.whl$' | cut -d- -f1 | tr A-Z a-z \
           | sort | uniq -d)
-    [[ -z $dup ]] || { echo "error: several versions of: $dup" >&2; return 1; }
-
-    # Stubs for the node's packages: metadata-only wheels, no requirements of their own.
-    # A carried project gets no stub, so its carried version is the only candidate.
-    stubs=$tmp/node
-    NODE_KNOWN=$NODE_KNOWN NODE_NAMES=$NODE_NAMES "$PY" - "$stubs" "$DIR/base" "$tmp" <<'EOF'
+    [[ -z $dup ]] || { echo "error: several versions of: $dup" >&2; rm -rf "$tmp"; return 1; }
+    NODE_KNOWN=$NODE_KNOWN NODE_NAMES=$NODE_NAMES "$PY" - "$tmp/node" "${dirs[@]}" <<'PYEOF'
 import glob, importlib.metadata as md, os, re, sys, zipfile
 out, carried_dirs = sys.argv[1], sys.argv[2:]
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
@@ -106,7 +125,7 @@ carried = {norm(os.path.basename(w).split("-")[0]) for d in carried_dirs
 known = dict(x.split("==") for x in os.environ["NODE_KNOWN"].split())
 os.makedirs(out)
 for name in sorted(set(os.environ["NODE_NAMES"].split()) | set(known)):
-    if norm(name) in carried:
+    if norm(name) in carried:  # a carried project gets no stub: its wheel is the only candidate
         continue
     try:
         version = known.get(name) or md.version(name)
@@ -116,38 +135,74 @@ for name in sorted(set(os.environ["NODE_NAMES"].split()) | set(known)):
     info = f"{dist}-{version}.dist-info"
     with zipfile.ZipFile(os.path.join(out, f"{dist}-{version}-py3-none-any.whl"), "w") as z:
         z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        z.writestr(f"{info}/WHEEL",
-                   "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{info}/RECORD", "")
-EOF
-    # Resolve what the node runs (the project's own requirements from setup.py, DeepSpeed,
-    # DALI, mlxtend) with full dependency resolution, from the carried wheels and the stubs
-    # alone: a requirement that neither satisfies (a missing wheel, a version conflict) fails.
-    # The machine's pip configuration is kept out (its find-links and constraints).
-    local report=$tmp/report.json
-    ( unset "${!PIP_@}"; export PIP_CONFIG_FILE=/dev/null
-      "$PY" -m pip install --dry-run --quiet --report "$report" --no-index --ignore-installed \
-        --find-links "$DIR/base" --find-links "$tmp" --find-links "$stubs" \
-        --target "$tmp/x" "${PLAT[@]}" \
-        deepspeed nvidia-dali-cuda130 mlxtend torch torchvision timm pyyaml tensorboard \
-        safetensors numpy pillow pytest-timeout )
-    "$PY" - "$report" "$DIR/base" "$tmp" <<'EOF'
+PYEOF
+    local links=() d
+    for d in "${dirs[@]}" "$tmp/node"; do links+=(--find-links "$d"); done
+    # the machine's pip configuration (its find-links, constraints) is kept out
+    if ! ( unset "${!PIP_@}"; export PIP_CONFIG_FILE=/dev/null
+           "$PY" -m pip install --dry-run --quiet --report "$tmp/report.json" --no-index \
+             --ignore-installed "${links[@]}" --target "$tmp/x" "${PLAT[@]}" "${reqs[@]}" ); then
+        rm -rf "$tmp"; return 1
+    fi
+    "$PY" - "$name" "$tmp/report.json" "${dirs[@]}" <<'PYEOF'
 import glob, json, os, re, sys
-report, dirs = sys.argv[1], sys.argv[2:]
+name, report, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 carried = {norm(os.path.basename(w).split("-")[0]) for d in dirs for w in glob.glob(f"{d}/*.whl")}
 got = {norm(i["metadata"]["name"]): i["metadata"]["version"]
        for i in json.load(open(report))["install"]}
 used = sorted(n for n in got if n in carried)
-print(f"dry run resolved {len(got)} projects: {len(used)} carried, {len(got) - len(used)} "
-      "from the node's stubs")
+print(f"{name}: resolved {len(got)} projects, {len(used)} carried, {len(got) - len(used)} "
+      "from the machine")
 print("  carried: " + " ".join(f"{n}=={got[n]}" for n in used))
-print("  node:    " + " ".join(f"{n}=={got[n]}" for n in sorted(set(got) - carried)))
 unused = sorted(carried - set(got))
 if unused:
     sys.exit(f"error: carried but required by nothing: {unused}")
-print("dependency check passed")
-EOF
+PYEOF
+    local rc=$?
+    rm -rf "$tmp"
+    return $rc
+}
+
+# What the core call runs: the project's own requirements (setup.py), DeepSpeed and mlxtend.
+CORE_REQS=(deepspeed mlxtend torch torchvision timm pyyaml tensorboard safetensors numpy
+           pillow pytest-timeout)
+
+check() {
+    [[ -n $(ls "$DIR"/base/deepspeed-*.whl 2>/dev/null) ]] \
+        || { echo "error: no $DIR/base/deepspeed-*.whl (fetch first)" >&2; return 1; }
+    resolve core "$DIR/base" -- "${CORE_REQS[@]}"
+    if [[ ! -f $DIR/dali/SHA256SUMS ]]; then
+        echo "dali: not fetched (bash scripts/fetch_device_wheels.sh fetches it)"
+        echo "dependency check passed"
+        return 0
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    # the DALI wheels re-joined from the parts, exactly as device_check.sh does there
+    (cd "$DIR/dali" && grep ' part-' SHA256SUMS | sha256sum --quiet -c -)
+    cat "$DIR"/dali/part-* | tar -x -C "$tmp"
+    (grep '\.whl$' "$DIR/dali/SHA256SUMS" | sed "s|  |  $tmp/|" | sha256sum --quiet -c -)
+    resolve dali "$DIR/base" "$DIR/dali_base" "$tmp" -- "${CORE_REQS[@]}" nvidia-dali-cuda130 \
+        || { rm -rf "$tmp"; return 1; }
+    rm -rf "$tmp"
+    echo "dependency check passed"
+}
+
+sizes() {  # each carried file and its size, and the total of each set
+    local set f total
+    for set in base dali_base dali; do
+        [[ -d $DIR/$set ]] || continue
+        total=0
+        for f in "$DIR/$set"/*; do
+            [[ -f $f ]] || continue
+            printf '  %10d  %s\n' "$(stat -c %s "$f")" "$f"
+            total=$((total + $(stat -c %s "$f")))
+        done
+        printf '  %10d  %s (total, %.1f MiB)\n' "$total" "$DIR/$set" "$(awk "BEGIN{print $total/1048576}")"
+    done
 }
 
 if [[ $MODE == check ]]; then
@@ -155,37 +210,45 @@ if [[ $MODE == check ]]; then
     exit
 fi
 
-mkdir -p "$DIR/base" "$DIR/dali"
-rm -f "$DIR"/base/*.whl "$DIR"/dali/part-* "$DIR/dali/SHA256SUMS"
+fetch_base() {
+    mkdir -p "$DIR/base"
+    rm -f "$DIR"/base/*.whl
+    # DeepSpeed is an sdist: build the wheel here. DS_BUILD_OPS=0: no op is compiled into it
+    # (any op is JIT-built on first use with the machine's ninja and nvcc); no build
+    # isolation, so its setup.py sees .venv's torch rather than downloading one.
+    local ds_version ds
+    ds_version=$("$PY" -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+    DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-cache-dir --no-deps --no-build-isolation \
+        --no-binary deepspeed -w "$DIR/base" "deepspeed==$ds_version"
+    ds=$(ls "$DIR"/base/deepspeed-*.whl)
+    [[ $ds == *-py3-none-any.whl ]] || { echo "error: $ds is not a pure wheel" >&2; exit 1; }
+    if unzip -l "$ds" | grep -qE '\.(so|o)$'; then
+        echo "error: $ds contains compiled ops" >&2; exit 1
+    fi
+    unzip -p "$ds" deepspeed/git_version_info_installed.py | grep -q "'fused_adam': False" \
+        || { echo "error: $ds records prebuilt ops" >&2; exit 1; }
+    "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$DIR/base" "${BASE[@]}"
+}
 
-# DeepSpeed is an sdist: build the wheel here. DS_BUILD_OPS=0: no op is compiled into it
-# (they are JIT-built on first use with the node's ninja and nvcc); no build isolation, so
-# its setup.py sees .venv's torch rather than downloading one.
-DS_VERSION=$("$PY" -c "import importlib.metadata as m; print(m.version('deepspeed'))")
-DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-cache-dir --no-deps --no-build-isolation \
-    --no-binary deepspeed -w "$DIR/base" "deepspeed==$DS_VERSION"
-ds=$(ls "$DIR"/base/deepspeed-*.whl)
-[[ $ds == *-py3-none-any.whl ]] || { echo "error: $ds is not a pure wheel" >&2; exit 1; }
-if unzip -l "$ds" | grep -qE '\.(so|o)$'; then
-    echo "error: $ds contains compiled ops" >&2; exit 1
-fi
-unzip -p "$ds" deepspeed/git_version_info_installed.py | grep -q "'fused_adam': False" \
-    || { echo "error: $ds records prebuilt ops" >&2; exit 1; }
+fetch_dali() {
+    mkdir -p "$DIR/dali_base" "$DIR/dali"
+    rm -f "$DIR"/dali_base/*.whl "$DIR"/dali/part-* "$DIR/dali/SHA256SUMS"
+    "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$DIR/dali_base" "${DALI_BASE[@]}"
+    # DALI and its CUDA codec libraries in one tar, split: the parts are what travels.
+    local tmp
+    tmp=$(mktemp -d)
+    "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$tmp" "${DALI[@]}"
+    # a reproducible tar (sorted, fixed times and owners): fetching again gives the same parts,
+    # so parts already carried to a warm machine stay valid
+    (cd "$tmp" && tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - *.whl) \
+        | split -b 60m - "$DIR/dali/part-"
+    (cd "$DIR/dali" && sha256sum part-*; cd "$tmp" && sha256sum *.whl) > "$DIR/dali/SHA256SUMS.tmp"
+    mv "$DIR/dali/SHA256SUMS.tmp" "$DIR/dali/SHA256SUMS"
+    rm -rf "$tmp"
+}
 
-"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$DIR/base" "${BASE[@]}"
-
-# DALI and its CUDA codec libraries in one tar, split: the parts are what travels.
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$tmp" "${DALI[@]}"
-# a reproducible tar (sorted, fixed times and owners): fetching again gives the same parts,
-# so parts already carried to a warm machine stay valid
-(cd "$tmp" && tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - *.whl) \
-    | split -b 60m - "$DIR/dali/part-"
-(cd "$DIR/dali" && sha256sum part-*; cd "$tmp" && sha256sum *.whl) > "$DIR/dali/SHA256SUMS.tmp"
-mv "$DIR/dali/SHA256SUMS.tmp" "$DIR/dali/SHA256SUMS"
-
+fetch_base
+[[ $MODE == core ]] || fetch_dali
 echo "== $DIR"
-(cd "$DIR" && ls -l base dali)
-echo "base: $(du -sb "$DIR/base" | cut -f1) bytes; DALI parts: $(ls "$DIR"/dali/part-* | wc -l)"
+sizes
 check

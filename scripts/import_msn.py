@@ -14,7 +14,7 @@ import sys
 
 from msn_ds.io.atomic import SaveError
 from msn_ds.io.reference import export_reference, load_reference, read_ours
-from msn_ds.io.weights import save_weights
+from msn_ds.io.weights import has_trained_head, save_weights
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             target, protos, anchor, meta = load_reference(args.src, args.arch, args.img_size)
             meta["source"] = os.path.basename(args.src)
             save_weights(args.out, target, protos, meta, anchor)
-            if meta.get("head") == "absent":
+            if not has_trained_head(meta):
                 print(f"warning: {args.src} has no projection head; the head in {args.out} is "
                       "randomly initialised (the backbone is what you want)", file=sys.stderr)
     except (OSError, ValueError, SaveError) as e:

@@ -3,6 +3,7 @@ trial runs in its own child process, and a child's out-of-memory, failure or han
 the max-batch search finds the boundary."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -179,3 +180,149 @@ def test_parent_exit_code_and_fits(monkeypatch, tmp_path, capsys):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows[-1]["error"] == "max-batch search batch 8: failed: x"
     assert "largest batch" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_baseline_plain_prints_the_ratio_column(tmp_path):
+    """``--baseline plain``: beside our step, a plain PyTorch step in its own child; the table
+    has the step column and ours/plain on our row, equal to the two rows' images/s ratio. In
+    fp32 on the CPU the plain step computes our step's function: after one update each, the
+    losses agree (same weights, views, mask, schedules, clipping and AdamW)."""
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "scripts/bench_step.py", "--models", "vit_pico_4",
+                        "--batch-sizes", "4", "--deepspeed_config", "ds_configs/zero0_fp32.json",
+                        "--steps", "1", "--warmup", "1", "--baseline", "plain", "--json",
+                        str(out), *TINY],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=CPU_ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    header = next(line for line in r.stdout.splitlines() if line.startswith("model"))
+    assert header.split()[-1] == "ours/plain" and " step " in header
+    ours, plain = json.loads(out.read_text())
+    assert (ours["step"], plain["step"]) == ("ours", "plain")
+    assert plain["pid"] != ours["pid"] and plain["step_ms"] > 0 and plain["loss"] == plain["loss"]
+    assert ours["ours_over_plain"] == pytest.approx(ours["img_per_s"] / plain["img_per_s"])
+    assert ours["gflop_per_image"] == pytest.approx(plain["gflop_per_image"])
+    assert plain["loss"] == pytest.approx(ours["loss"], rel=1e-4)
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("vit_pico_4")]
+    assert [row[2] for row in rows] == ["ours", "plain"]
+    assert rows[0][-1] == f"{ours['ours_over_plain']:.2f}x" and rows[1][-1] == "-"
+
+
+def test_plain_step_in_process():
+    """The plain step needs no DeepSpeed and no process group: it runs in this process, in
+    fp32 from an fp32 config, and refuses fp16 (no loss scaler)."""
+    cfg = load_config("configs/pretrain/msn_vits16.yaml", TINY + ["meta.model_name=vit_pico_4",
+                                                                  "criterion.batch_size=4"],
+                      check_paths=False)
+    row = bench_step.run_plain(cfg, os.path.join(ROOT, "ds_configs/zero0_fp32.json"), 1, 0)
+    assert row["step"] == "plain" and row["device"] == "cpu" and row["bf16"] is False
+    assert row["loss"] == row["loss"] and row["step_ms"] > 0
+    with pytest.raises(ValueError, match="fp16"):
+        bench_step.run_plain(cfg, os.path.join(ROOT, "ds_configs/zero2_fp16.json"), 1, 0)
+
+
+def test_ratio_column_only_with_a_baseline():
+    row = {"model": "m", "batch_per_device": 8, "step_ms": 1.0, "img_per_s": 8e3,
+           "peak_gib": 0.1, "gflop_per_image": 1.0, "tflops_per_device": 8.0, "mfu": None}
+    assert "ours/plain" not in bench_step.format_results([row])
+    plain = {**row, "step": "plain", "img_per_s": 4e3}
+    ours = {**row, "step": "ours", "ours_over_plain": bench_step.ratio(row, plain)}
+    table = bench_step.format_results([ours, plain, {"model": "m", "batch_per_device": 16,
+                                                     "step": "plain", "error": "out of memory"}])
+    lines = table.splitlines()
+    assert lines[0].split()[-1] == "ours/plain" and lines[2].endswith("2.00x")
+    assert lines[3].endswith("-") and "out of memory" in lines[4]
+    assert bench_step.ratio(ours, {"error": "out of memory"}) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fetched", [True, False])
+def test_device_check_core_dry_run_fits(tmp_path, fetched):
+    """``device_check.sh --core --dry-run`` lists its stages and their budgets, which sum to 6
+    minutes or less, and the files the call carries with their sizes, 20 MiB or less in all
+    (as fetched, or as fetch_device_wheels.sh would fetch them); it runs nothing."""
+    wheels = tmp_path / "wheels"
+    if fetched:  # stand-ins of the fetched set, with the sizes fetch_device_wheels.sh expects
+        listed = subprocess.run(["bash", "scripts/fetch_device_wheels.sh", "--list"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.split()
+        (wheels / "base").mkdir(parents=True)
+        for name, size in zip(listed[::2], listed[1::2]):
+            with open(wheels / "base" / name, "wb") as f:
+                f.truncate(int(size))
+    env = {**os.environ, "DEVICE_WHEELS": str(wheels), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "scripts/device_check.sh", "--core", "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    lines = r.stdout.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.split()[:1] == ["stage"])) + 1:]
+    stages = {}
+    for line in table:
+        m = re.match(r"  (\S.*?)\s{2,}(\d+)(\s|$)", line)
+        if not m:
+            break
+        stages[m.group(1)] = int(m.group(2))
+    total = stages.pop("total")
+    assert {"install", "versions", "gpu tests", "step S/16,B/16 b256", "step L/7 b32",
+            "train 20 steps"} <= set(stages)
+    assert sum(stages.values()) == total <= 360
+    sizes = [int(x.split()[0]) for x in lines if x.strip().endswith(".whl")]
+    assert any("deepspeed-0.19.8" in x for x in lines) and not any("dali" in x.lower()
+                                                                   for x in lines if ".whl" in x)
+    assert not any("optree" in x for x in lines)
+    carried = next(x for x in lines if "carried files:" in x)
+    assert int(carried.split("carried files:")[1].split()[0]) == sum(sizes) <= 20 * 2**20
+    assert ("not fetched yet" in r.stdout) != fetched
+    assert "timeout_s 420" in r.stdout and not (tmp_path / "out").exists()
+
+
+STUB_PYTHON = r"""#!/bin/bash
+# the device's python3, stubbed: pip installs, the versions print, pytest hangs, bench_step
+# writes its rows, train.py its metrics; anything else (the summary's scripts) is real Python
+case "$*" in
+  *"-m pip install"*) prev=; for a in "$@"; do [[ $prev == --target ]] && mkdir -p "$a"; prev=$a; done ;;
+  *"-m pytest"*) sleep 60 ;;
+  *bench_step.py*) prev=; for a in "$@"; do [[ $prev == --json ]] && j=$a; prev=$a; done
+    echo '[{"model": "m", "batch_per_device": 8, "step": "ours", "img_per_s": 30.0, "mfu": null,
+      "peak_gib": 1.0, "ours_over_plain": 1.5}, {"model": "m", "batch_per_device": 8,
+      "step": "plain", "img_per_s": 20.0, "mfu": null, "peak_gib": 1.0}]' > "$j" ;;
+  *train.py*) for a in "$@"; do [[ $a == logging.folder=* ]] && d=${a#*=}; done; mkdir -p "$d"
+    echo '{"step": 20, "loss": 5.5, "img_per_s": 900.0, "data_wait_frac": 0.1, "skipped": 0.0}' \
+      > "$d/metrics.jsonl" ;;
+  -c*) if [[ $2 == *deepspeed* ]]; then printf 'python 3.12\ndeepspeed 0.19.8\n'; fi ;;
+  *) exec PYTHON "$@" ;;
+esac
+"""
+
+
+@pytest.mark.slow
+def test_device_check_reports_a_stage_that_runs_out(tmp_path):
+    """``device_check.sh --core`` on stubs (python3, nvidia-smi), every stage's limit capped
+    at 3 s: the GPU tests hang and are reported TIMEOUT, the stages after them still run,
+    and $OUT/summary.md holds the stage table and the ours/plain table; exit code 1."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3").write_text(STUB_PYTHON.replace("PYTHON", sys.executable))
+    (stubs / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA H200, 143771 MiB'\n")
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    wheels = tmp_path / "wheels" / "base"
+    wheels.mkdir(parents=True)
+    (wheels / "deepspeed-0.19.8-py3-none-any.whl").write_bytes(b"stand-in")
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out),
+           "DEVICE_WHEELS": str(tmp_path / "wheels"), "DEVICE_SITE": str(tmp_path / "site"),
+           "DEVICE_CHECK_CAP": "3"}
+    r = subprocess.run(["bash", "scripts/device_check.sh", "--core"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    print(r.stdout[-3000:], r.stderr[-2000:])
+    assert r.returncode == 1
+    summary = (out / "summary.md").read_text()
+    status = {cells[1].strip(): cells[2].strip() for cells in
+              (line.split("|") for line in summary.splitlines()) if len(cells) > 5}
+    assert status["gpu tests"] == "TIMEOUT", summary
+    assert all(status[s] == "PASS" for s in ("install", "versions", "step S/16,B/16 b256",
+                                             "step L/7 b32", "train 20 steps")), summary
+    assert "| m | 8 | 30 | 20 | 1.50 |" in summary and "900 img/s" in summary
+    assert len(list(out.iterdir())) <= 8  # at most 8 files come back from a call

@@ -43,7 +43,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     ({"meta": {"modle_name": "deit_small"}}, r"c\.yaml: unknown key meta\.modle_name"),
     ({"metaa": {}}, r"c\.yaml: unknown section 'metaa'"),
     ({"criterion": {"batch_size": "64"}}, r"c\.yaml: criterion\.batch_size must be int"),
-    ({"criterion": {"batch_size": 0}}, r"criterion\.batch_size must be > 0"),
+    ({"criterion": {"batch_size": 0}}, r"criterion\.batch_size must be in \[1, \d+\], got 0"),
     ({"criterion": {"me_max": 1}}, r"criterion\.me_max must be true or false"),
     ({"data": {"patch_drop": 1.2}}, r"data\.patch_drop must be in \[0"),
     ({"meta": {"model_name": "resnet50"}}, r"meta\.model_name unknown model_name 'resnet50'"),
@@ -80,8 +80,13 @@ def test_ds_config_single_source_of_truth():
     if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator has no fp16
         with pytest.raises(ConfigError, match="fp16 needs a GPU"):
             resolve_ds_config({"fp16": {"enabled": True}}, cfg, 4, "x.json")
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2"):
-        resolve_ds_config({"gradient_accumulation_steps": 2}, cfg, 4, "x.json")
+    # gradient accumulation is exact (msn_ds/accumulate.py): global batch 8 x 4 x 2
+    ds = resolve_ds_config({"gradient_accumulation_steps": 2}, cfg, 4, "x.json")
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2 is not supported with "
+                                          r"ZeRO-3"):
+        resolve_ds_config({"gradient_accumulation_steps": 2, "zero_optimization": {"stage": 3}},
+                          cfg, 4, "x.json")
 
 
 @pytest.mark.slow

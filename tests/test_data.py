@@ -55,3 +55,30 @@ def test_unreadable_image_is_skipped_and_counted(folder):
     assert skipped == 1 and label == ds.samples[bad + 1][1]
     v, labels, total = collate_views([ds[(0, 0)], ds[(0, bad)]])
     assert total == 1 and v[0].shape == (2, 3, 16, 16) and labels.tolist() == [0, 0]
+
+
+def test_small_dev_shm_is_refused_with_the_fix(tmp_path):
+    """Loader workers hand batches over through /dev/shm: one too small for the batches in
+    flight is named before any work, with the fix; a large enough one, no workers, or DALI
+    pass."""
+    from msn_ds.data.loader import batch_bytes, shm_problem
+
+    data = {"loader": "torch", "num_workers": 8, "rand_views": 1, "rand_size": 224,
+            "focal_views": 10, "focal_size": 96}
+    assert batch_bytes(data, 64) == 64 * 3 * 4 * (2 * 224 ** 2 + 10 * 96 ** 2)
+
+    class Usage:  # shutil.disk_usage of a 64 MiB /dev/shm (Docker's default)
+        free = 64 * 2 ** 20
+
+    import shutil
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda path: Usage
+    try:
+        problem = shm_problem(data, 64)
+        assert "data.num_workers=8" in problem and "64 MiB free" in problem
+        assert "--shm-size" in problem
+        assert shm_problem({**data, "num_workers": 0}, 64) is None
+        assert shm_problem({**data, "loader": "dali"}, 64) is None
+        assert shm_problem({**data, "num_workers": 1, "rand_size": 32, "focal_size": 16}, 8) is None
+    finally:
+        shutil.disk_usage = real

@@ -110,3 +110,25 @@ def test_linear_refuses_zero_batch_and_zero_epochs(tmp_path):
         proc = run_cli("-m", "eval.linear", "--pixels", "--root", root, flag, 0, check=False)
         assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert msg in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("protocol,extra,message", [
+    ("eval.knn", ["--temperature", "nan"], "--temperature nan"),
+    ("eval.knn", ["--crop", "0"], "--crop 0"),
+    ("eval.linear", ["--base-lr", "nan"], "--base-lr nan"),
+    ("eval.knn", ["--json", "/proc/nope/r.json"], "--json"),
+    ("eval.linear", ["--cache-dir", "/proc/nope"], "--cache-dir"),
+])
+def test_bad_eval_arguments_exit_2_before_any_work(tmp_path, protocol, extra, message):
+    root = tiny_root(tmp_path)
+    r = run_cli("-m", protocol, "--pixels", "--root", root, *extra, expect=2)
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_linear_checkpoint_is_named_on_resume(tmp_path):
+    root, out = tiny_root(tmp_path), tmp_path / "lin"
+    out.mkdir()
+    (out / "linear_last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    r = run_cli("-m", "eval.linear", "--pixels", "--root", root, "--out", out, "--resume",
+                "--epochs", 1, "--batch-size", 4, expect=2)
+    assert "linear_last.pt: cannot resume" in r.stderr and "Traceback" not in r.stderr

@@ -3,11 +3,12 @@ inductor, fused AdamW, flash attention and the step statistics' device.
 
 Every test is marked ``gpu`` and skipped where ``torch.cuda.is_available()`` is False (the
 CPU machines, CI); scripts/device_check.sh runs them on a lent H100/H200 with
-``pytest -m gpu tests/test_gpu.py``. The training runs are real ``python train.py``
-processes on the demo data (configs/demo_cpu.yaml: vit_pico_4, batch 64), DeepSpeed's CUDA
-accelerator. They are independent, so they are started together, once, and run side by
-side on the one GPU (a 4-block ViT at batch 64: each needs little of it), so the file takes
-about as long as its slowest run rather than the sum.
+``pytest -m gpu -k "not dali" tests/test_gpu.py`` (``--core``) and ``-k dali`` (``--dali``).
+The training runs are real ``python train.py`` processes on the demo data
+(configs/demo_cpu.yaml: vit_pico_4, batch 64), DeepSpeed's CUDA accelerator. They are
+independent, so they are started together, once, and run side by side on the one GPU (a
+4-block ViT at batch 64: each needs little of it), so the file takes about as long as its
+slowest run rather than the sum. Only the runs of the selected tests start (:data:`NEEDS`).
 """
 import json
 import math
@@ -33,7 +34,7 @@ pytestmark = [
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENV = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_ENV},
        "DS_ACCELERATOR": "cuda", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-RUN_TIMEOUT = 240  # s, one run, however many run beside it
+RUN_TIMEOUT = 120  # s, one run, however many run beside it (device_check.sh gives the file 150)
 
 STAGES = {0: "zero0_fp32.json", 1: "zero1_bf16.json", 2: "zero2_bf16.json", 3: "zero3_bf16.json"}
 
@@ -95,15 +96,28 @@ class Run:
         return tail
 
 
+# The training runs each test reads: the fixture starts only those of the selected tests
+# (``-k dali`` starts the DALI run alone).
+NEEDS = {"test_zero_stage_trains": [f"zero{s}" for s in STAGES],
+         "test_step_statistics_reach_the_monitor": ["zero1"],
+         "test_resume_matches_a_straight_run": ["straight", "first"],
+         "test_dali_loader_trains": ["dali"],
+         "test_compiled_blocks_train": ["compile", "zero1"]}
+
+
 @pytest.fixture(scope="module")
-def runs(demo_root, tmp_path_factory):
-    """Every training run of this file, started together."""
+def runs(demo_root, tmp_path_factory, request):
+    """The training runs of the selected tests of this file, started together."""
     tmp = tmp_path_factory.mktemp("gpu_runs")
+    wanted = {name for item in request.session.items
+              if getattr(item, "path", None) == request.path
+              for name in NEEDS.get(getattr(item, "originalname", item.name), [])}
     started = {}
 
     def start(name, ds, steps, *extra):
-        folder = str(tmp / name)
-        started[name] = Run(folder, train_args(demo_root, folder, ds, steps, *extra))
+        if name in wanted:
+            folder = str(tmp / name)
+            started[name] = Run(folder, train_args(demo_root, folder, ds, steps, *extra))
 
     for stage, ds in STAGES.items():
         start(f"zero{stage}", ds, 20)
@@ -114,8 +128,8 @@ def runs(demo_root, tmp_path_factory):
         start("dali", "zero1_bf16.json", 10, "data.loader=dali")
     # the resumed half continues "first" in its folder; its 5-step weights are kept aside
     # (the resumed run overwrites the weights file)
-    first = started["first"]
-    if first.wait()[0] == 0:
+    first = started.get("first")
+    if first is not None and first.wait()[0] == 0:
         shutil.copy(os.path.join(first.folder, "demo-target.safetensors"),
                     os.path.join(str(tmp), "first5.safetensors"))
         started["resumed"] = Run(first.folder, train_args(demo_root, first.folder,

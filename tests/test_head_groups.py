@@ -1,6 +1,6 @@
 """The projection head runs once per group of equal-size views, as the reference's
 ``forward`` does, so the masked anchor views and the focal views each get BatchNorm
-statistics of their own (DESIGN.md section 1). Checked against a float64 re-implementation
+statistics of their own (docs/method.md section 1). Checked against a float64 re-implementation
 of the reference's grouping, with 1 process and with 2 (torchrun, gloo)."""
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Hugging Face transformers export and import (scripts/export_hf.py, scripts/import_hf.py).
+"""Hugging Face transformers export and import (msn_ds.io.hf; scripts/export_hf.py and
+scripts/import_hf.py are its command lines).
 
 Everything is built locally: random msn_ds encoders and random ``ViTMSNModel``s, saved and
 loaded from tmp folders; nothing is downloaded. Every parameter is randomised (LayerNorm
@@ -20,6 +21,7 @@ from transformers import AutoImageProcessor, ViTMSNConfig, ViTMSNModel
 
 from helpers import cpu_env, load_script, run_cli, write_folder
 from msn_ds.data import IMAGENET_STD, eval_transform
+from msn_ds.io import hf
 from msn_ds.io.weights import (TARGET_PREFIX, encoder_metadata, load_encoder, read_weights,
                                save_weights)
 from msn_ds.models import MSNEncoder
@@ -27,8 +29,8 @@ from msn_ds.models import MSNEncoder
 pytestmark = pytest.mark.slow  # launches processes
 
 ROOT = Path(__file__).resolve().parents[1]
-export_hf = load_script("scripts/export_hf.py")
-import_hf = load_script("scripts/import_hf.py")
+export_cli = load_script("scripts/export_hf.py")  # the command lines, for their exit statuses
+import_cli = load_script("scripts/import_hf.py")
 
 ARCH = "vit_pico_16"  # 4 blocks, width 128, patch 16: a 224-px model that runs in milliseconds
 FEATURE_TOL = 1e-4
@@ -142,14 +144,14 @@ def test_hf_model_imports_and_exports_back_unchanged(tmp_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(tmp_path / "src")
-    import_hf.import_folder(str(tmp_path / "src"), str(tmp_path / "ours.safetensors"))
+    hf.import_folder(str(tmp_path / "src"), str(tmp_path / "ours.safetensors"))
     enc, meta = load_encoder(str(tmp_path / "ours.safetensors"))
     assert meta["arch"] == "vit_pico_8" and meta["img_size"] == "64"
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         diff = (enc.forward_features(x) - model(pixel_values=x).last_hidden_state[:, 0]).abs()
     assert diff.max().item() < FEATURE_TOL
-    export_hf.export(str(tmp_path / "ours.safetensors"), str(tmp_path / "again"))
+    hf.export(str(tmp_path / "ours.safetensors"), str(tmp_path / "again"))
     again = ViTMSNModel.from_pretrained(tmp_path / "again")
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
@@ -167,7 +169,7 @@ def test_import_reads_hub_variants(tmp_path, exported):
     blob = {"vit." + k: v for k, v in state.items()}
     blob["classifier.weight"], blob["classifier.bias"] = torch.zeros(10, 128), torch.zeros(10)
     torch.save(blob, src / "pytorch_model.bin")
-    import_hf.import_folder(str(src), str(tmp_path / "w.safetensors"))
+    hf.import_folder(str(src), str(tmp_path / "w.safetensors"))
     before, _ = read_weights(weights)
     after, _ = read_weights(str(tmp_path / "w.safetensors"))
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(TARGET_PREFIX))
@@ -209,16 +211,17 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, exported, capsys):
     for i, (edit, pattern) in enumerate(cases):
         (tmp_path / str(i)).mkdir()
         bad = _bad_folder(tmp_path / str(i), folder, **edit)
-        assert import_hf.main([str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
+        assert import_cli.main([str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
         err = capsys.readouterr().err
         assert re.search(pattern, err), (pattern, err)
     assert not (tmp_path / "x.safetensors").exists()
     # export: a results file for other weights is refused (traceability by sha256)
     res = tmp_path / "knn.json"
     res.write_text(json.dumps({"protocol": "knn", "top1": 50.0, "weights_sha256": "0" * 16}))
-    assert export_hf.main([str(exported[1]), "--out", str(tmp_path / "o"), "--eval", str(res)]) == 2
+    assert export_cli.main([str(exported[1]), "--out", str(tmp_path / "o"), "--eval",
+                            str(res)]) == 2
     assert "results are for weights 0000000000000000" in capsys.readouterr().err
-    assert export_hf.main([str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert export_cli.main([str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "weights file not found" in capsys.readouterr().err
 
 
@@ -232,7 +235,7 @@ def test_model_card_has_arch_epochs_results_and_license(tmp_path, exported):
                                "lambd": 0.0025, "weights_sha256": sha, "root": "/data/in1k",
                                "groups": {"5imgs_class": {"mean": 62.8, "std": 0.31,
                                                           "splits": 3}}}))
-    assert export_hf.main([weights, "--out", str(tmp_path / "o"), "--eval", str(res),
+    assert export_cli.main([weights, "--out", str(tmp_path / "o"), "--eval", str(res),
                            "--license", "cc-by-nc-4.0", "--dataset", "ImageNet-1K"]) == 0
     card = (tmp_path / "o" / "README.md").read_text()
     for text in ("license: cc-by-nc-4.0", "vit_pico_16", "patch 16", "ImageNet-1K",
@@ -243,14 +246,14 @@ def test_model_card_has_arch_epochs_results_and_license(tmp_path, exported):
 
 def snippet(readme: str, name: str) -> list[tuple[str, str]]:
     m = re.search(rf"<!-- snippet:{name} -->(.*?)<!-- /snippet -->", readme, re.S)
-    assert m, f"README.md has no <!-- snippet:{name} --> ... <!-- /snippet --> block"
+    assert m, f"docs/weights.md has no <!-- snippet:{name} --> ... <!-- /snippet --> block"
     return re.findall(r"```(\w+)\n(.*?)```", m.group(1), re.S)
 
 
 def test_readme_snippets_run(tmp_path):
-    """The README's timm and transformers snippets, run as written on a random ViT-S/16
+    """docs/weights.md's timm and transformers snippets, run as written on a random ViT-S/16
     weights file (only the file and folder names are substituted)."""
-    readme = Path(os.environ.get("MSN_DS_README", ROOT / "README.md")).read_text()
+    readme = Path(os.environ.get("MSN_DS_README", ROOT / "docs" / "weights.md")).read_text()
     enc = random_encoder("vit_small_16", seed=2)
     weights = save(enc, tmp_path / "vits16.safetensors")
     x = torch.randn(2, 3, 224, 224)

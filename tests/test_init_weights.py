@@ -4,7 +4,7 @@ does not fit the run is refused before any work."""
 import pytest
 import torch
 
-from helpers import ROOT, load_script, run_cli
+from helpers import ROOT, run_cli
 from msn_ds.config import ConfigError, load_config
 from msn_ds.engine import build_models, check_init_weights
 from msn_ds.io.weights import TARGET_PREFIX, encoder_metadata, read_weights, save_weights
@@ -33,14 +33,14 @@ def test_both_encoders_start_from_the_file(tmp_path):
 
 def test_hf_import_gives_the_backbone_and_a_fresh_head(tmp_path):
     transformers = pytest.importorskip("transformers")
-    import_hf = load_script("scripts/import_hf.py")
+    from msn_ds.io.hf import import_folder
 
     torch.manual_seed(1)
     config = transformers.ViTMSNConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                        intermediate_size=512, image_size=32, patch_size=4,
                                        layer_norm_eps=1e-6)
     transformers.ViTMSNModel(config).save_pretrained(tmp_path / "hf")
-    import_hf.import_folder(str(tmp_path / "hf"), str(tmp_path / "w.safetensors"))
+    import_folder(str(tmp_path / "hf"), str(tmp_path / "w.safetensors"))
     tensors, meta = read_weights(str(tmp_path / "w.safetensors"))
     assert meta["head"] == "absent"
     cfg = load_config(DEMO, [f"meta.init_weights={tmp_path / 'w.safetensors'}"], check_paths=False)

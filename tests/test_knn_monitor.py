@@ -10,7 +10,7 @@ import torch
 from eval.classify import knn_accuracy
 from eval.features import extract_features
 from eval.knn_monitor import KNNMonitor
-from helpers import run_cli
+from helpers import run_cli, write_folder
 from msn_ds.data import eval_folder, eval_transform
 from msn_ds.models import MSNEncoder
 from test_checkpoint import args, assert_identical, weights
@@ -128,3 +128,54 @@ def test_bad_knn_folder_fails_before_work(demo_root, tmp_path):
                 f"eval.knn_val={tmp_path / 'nope'}", expect=2)
     assert "eval.knn_val" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
     assert not folder.exists()
+
+
+def _knn_sets(root):
+    """Two small ImageFolders with the same 3 classes (random 16-px PNGs)."""
+    write_folder(root / "train", {"a": 6, "b": 6, "c": 6}, seed=1)
+    write_folder(root / "val", {"a": 4, "b": 4, "c": 4}, seed=2)
+    return str(root / "train"), str(root / "val")
+
+
+@pytest.mark.parametrize("cache_gib", [2.0, 0.0])
+def test_unreadable_images_are_left_out_not_fatal(tmp_path, caplog, cache_gib):
+    """A truncated image in either k-NN set is skipped, counted and named once in the log;
+    the accuracy is the one of the sets without it, at every later evaluation too."""
+    train, val = _knn_sets(tmp_path / "bad")
+    clean_train, clean_val = _knn_sets(tmp_path / "clean")
+    for folder, name in ((train, "a/img002.png"), (val, "c/img001.png")):
+        data = open(os.path.join(folder, name), "rb").read()
+        open(os.path.join(folder, name), "wb").write(data[:len(data) // 3])  # truncated
+        os.remove(os.path.join(folder.replace("bad", "clean"), name))
+    enc = encoder()
+    kw = dict(k=3, crop=16, resize=16, batch_size=5, cache_gib=cache_gib)
+    want = KNNMonitor(clean_train, clean_val, **kw)(enc, torch.device("cpu"), torch.float32)
+    monitor = KNNMonitor(train, val, **kw)
+    with caplog.at_level("WARNING"):
+        first = monitor(enc, torch.device("cpu"), torch.float32)
+        second = monitor(enc, torch.device("cpu"), torch.float32)
+    for got in (first, second):
+        assert got["knn_unreadable"] == 2
+        assert got["knn_top1"] == pytest.approx(want["knn_top1"], abs=1e-9)
+        assert got["knn_top5"] == pytest.approx(want["knn_top5"], abs=1e-9)
+    named = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert len(named) == 2 and any("a/img002.png" in m for m in named)
+    assert any("c/img001.png" in m for m in named)
+
+
+@pytest.mark.slow
+def test_truncated_knn_image_leaves_training_running(demo_root, tmp_path):
+    """The run goes on to its end with the image left out of every evaluation (it used to
+    die at the first one, and at the same step after every resume)."""
+    train, val = _knn_sets(tmp_path / "knn")
+    data = open(os.path.join(val, "b", "img000.png"), "rb").read()
+    open(os.path.join(val, "b", "img000.png"), "wb").write(data[:40])
+    folder = tmp_path / "run"
+    r = run_cli("train.py", *args(demo_root, str(folder), 4), "eval.knn_every_steps=2",
+                f"eval.knn_train={train}", f"eval.knn_val={val}", "eval.knn_train_per_class=null",
+                "eval.knn_crop=16", "eval.knn_resize=16", "eval.knn_k=3")
+    with open(folder / "metrics.jsonl") as f:
+        evals = [row for row in map(json.loads, f) if "knn_top1" in row]
+    assert [(row["step"], row["knn_unreadable"]) for row in evals] == [(2, 1), (4, 1)]
+    assert r.stderr.count("skipping unreadable image") == 1 and "img000.png" in r.stderr
+    assert (folder / "demo-target.safetensors").is_file()

@@ -16,7 +16,7 @@ LAYERS = (
     ("models", "loss", "data"),
     ("config", "io", "ema", "deepspeed_config", "monitor", "run_folder"),
     ("engine",),
-    ("trainer",),
+    ("trainer", "accumulate"),
 )
 APART = {("models", "data"), ("data", "models")}  # same layer, yet neither imports the other
 OUTSIDE = ("eval", "scripts", "train")  # the programs built on msn_ds

@@ -1,4 +1,4 @@
-"""MSNLoss against DESIGN.md section 1: hand-checked values, an independent float64
+"""MSNLoss against docs/method.md section 1: hand-checked values, an independent float64
 implementation written from the formulas, finite differences, Sinkhorn marginals, me-max."""
 import math
 
@@ -10,7 +10,7 @@ from msn_ds.loss import MSNLoss, sharpen, sinkhorn
 
 def reference_msn(anchor, target, protos, T, tau=0.1, eps=0.0, use_sinkhorn=True,
                   me_max_w=1.0, ent_w=0.0, iters=3):
-    """Straight from DESIGN.md: p = softmax(cos / tau) @ L, p+ = sharpen then Sinkhorn,
+    """Straight from docs/method.md: p = softmax(cos / tau) @ L, p+ = sharpen then Sinkhorn,
     loss = mean H(p+, p) + w_me (log K - H(mean p)) + w_ent mean H(p)."""
     K = protos.shape[0]
     L = torch.full((K, K), eps / K, dtype=protos.dtype)

@@ -81,7 +81,7 @@ def test_two_nodes_train_checkpoint_and_resume(two_nodes):
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(step2), step2
     assert "global batch 8 on 2 processes" in out
-    assert "resumed at step 2 (epoch 0, batch 2)" in out and "(2 processes)" in out
+    assert "resumed at step 2 (epoch 1, batch 2)" in out and "(2 processes)" in out
     with open(os.path.join(folder, "latest")) as f:
         assert f.read() == "global_step4"
 
@@ -136,5 +136,5 @@ def test_elastic_restart_resumes_after_sigkill(demo_root, two_nodes, tmp_path):
     assert job.returncode == 0, out[-5000:]
     assert "exitcode: -9" in out  # the kill was seen, and the job restarted
     assert "took over the lock left by pid" in out
-    assert "resumed at step 2 (epoch 0, batch 2)" in out
+    assert "resumed at step 2 (epoch 1, batch 2)" in out
     assert torch.equal(flat(folder), flat(two_nodes[0]))

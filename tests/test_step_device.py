@@ -160,7 +160,8 @@ def test_spy_counts_no_host_sync_outside_logging_steps(tmp_path):
     at logging steps; ``poll`` reads only the host copies. The spy itself is checked by the
     monitor's read at a logging step."""
     out = tmp_path / "spy.json"
-    r = subprocess.run([sys.executable, "tests/spy_step.py", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "tests/spy_step.py", str(out), "zero0_fp32_clip",
+                        "zero1_bf16_clip"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600, env=cpu_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     res = json.loads(out.read_text())
@@ -206,7 +207,7 @@ def test_backend_from_the_accelerator_and_gpu_pinned_first(monkeypatch, name, ba
                         lambda: FakeAccelerator(name, backend))
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
     monkeypatch.setattr(deepspeed, "init_distributed",
-                        lambda dist_backend: calls.append(("init", dist_backend)))
+                        lambda dist_backend, **kw: calls.append(("init", dist_backend)))
     monkeypatch.setenv("LOCAL_RANK", "3")
     D.init_process_group()
     assert calls == ([("set_device", 3), ("init", "nccl")] if name == "cuda" else

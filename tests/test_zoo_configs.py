@@ -16,7 +16,7 @@ from msn_ds.monitor.flops import StepShape, vit_forward_flops
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 1024  # the paper's, for every model
 
-# config -> (arch, mask ratio, epochs, the paper's nominal encoder size) (DESIGN.md section 1)
+# config -> (arch, mask ratio, epochs, the paper's nominal encoder size) (docs/method.md section 1)
 PAPER = {
     "msn_vits16.yaml": ("vit_small_16", 0.15, 800, 22e6),
     "msn_vitb16.yaml": ("vit_base_16", 0.3, 600, 86e6),
@@ -107,7 +107,7 @@ def test_global_batch_and_deepspeed_config(name):
     assert m, f"{name}: names no DeepSpeed config"
     ds = resolve_ds_config(read_ds_config(str(ROOT / m.group(1))), cfg, gpus, m.group(1))
     assert ds["train_batch_size"] == GLOBAL_BATCH
-    assert ds["bf16"]["enabled"], "bf16: the default mixed precision (DESIGN.md section 4)"
+    assert ds["bf16"]["enabled"], "bf16: the default mixed precision (docs/method.md section 4)"
     if name in ("msn_vitb4.yaml", "msn_vitl7.yaml"):
         k = cfg["meta"]["activation_checkpointing"]
         text = _path(name).read_text()

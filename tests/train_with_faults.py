@@ -4,11 +4,15 @@
         SIGKILL this process half-way through writing the checkpoint of STEP
     python tests/train_with_faults.py sigterm-at STEP  <train.py args>
         send SIGTERM to this process during step STEP (as SLURM does before pre-emption)
+    python tests/train_with_faults.py group-signal-at STEP:SIGNAL  <train.py args>
+        send SIGNAL to this process's whole group during step STEP (SLURM's scancel and
+        pre-emption, Ctrl-C in a terminal): start it as the leader of its own group (setsid)
     python tests/train_with_faults.py nan-from STEP:COUNT  <train.py args>
         the loss is NaN at steps STEP .. STEP+COUNT-1
 """
 import os
 import signal
+import subprocess
 import sys
 
 import torch
@@ -35,12 +39,18 @@ def main():
             return real_save(obj, path, *a, **k)
 
         torch.save = dying_save
-    elif fault == "sigterm-at":
+    elif fault in ("sigterm-at", "group-signal-at"):
         real_step = trainer.MSNTrainer.step
+        sig = getattr(signal, when.split(":")[1]) if ":" in when else signal.SIGTERM
+        assert fault == "sigterm-at" or os.getpgid(0) == os.getpid(), "start it with setsid"
 
         def step_then_signal(self, views, s, **kw):
-            if s == step:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if s == step and fault == "sigterm-at":
+                os.kill(os.getpid(), sig)
+            elif s == step:  # from another process, as SLURM's: a signal from a worker's
+                # parent is torch's own way of ending that worker
+                subprocess.run(["kill", "-s", sig.name[3:], "--", f"-{os.getpgid(0)}"],
+                               start_new_session=True, check=True)
             return real_step(self, views, s, **kw)
 
         trainer.MSNTrainer.step = step_then_signal

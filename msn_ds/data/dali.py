@@ -66,10 +66,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .. import distributed as D
 from ..seeding import seed_for
-from .probe import BAD, RAW, TRANSCODE, decode_rgb, probe, read_regular, to_ppm
+from .probe import BAD, RAW, TRANSCODE, decode_rgb, probe, to_ppm
 from .replay import ViewParams, replay
 from .sampler import GlobalBatchSampler
+from .source import first_readable
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform
 
 log = logging.getLogger(__name__)
@@ -198,9 +200,25 @@ class HostError(RuntimeError):
     never taken for a file DALI cannot decode."""
 
 
+class _Unreadable(Exception):
+    """A sample the host reader found unreadable (its reason is in ``reasons``)."""
+
+
+class _Lookup:
+    """``obj[i]`` calls ``fn(i)``: a mask computed on demand."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, i: int):
+        return self.fn(i)
+
+
 class _HostReader:
-    """The host half of a batch: each sample's file bytes (the next readable file from the
-    requested index) and its views' replayed parameters.
+    """The host half of a batch: each sample's bytes, read through the dataset's
+    :class:`~.source.ImageSource` (the next readable sample from the requested index, by
+    the source's one rule, :func:`~.source.first_readable`), and its views' replayed
+    parameters.
 
     Picklable, so that every host worker holds its own copy. Its caches (probe status and
     size per file, why a file is unreadable) are functions of the files' bytes alone, so all
@@ -208,9 +226,9 @@ class _HostReader:
     batch (``seen``) for the loader to merge, count and log once.
     """
 
-    def __init__(self, samples, transform: MultiCropTransform, seed: int, root: str,
+    def __init__(self, source, transform: MultiCropTransform, seed: int,
                  status: np.ndarray, shape: np.ndarray):
-        self.samples, self.transform, self.seed, self.root = samples, transform, seed, root
+        self.source, self.transform, self.seed = source, transform, seed
         self.status, self.shape = status, shape
         self.reasons: dict[int, str] = {}
 
@@ -221,7 +239,7 @@ class _HostReader:
     def read(self, i: int) -> Optional[bytes]:
         """Bytes to hand DALI for file ``i``, or None if it is unreadable."""
         try:
-            data = read_regular(self.samples[i][0])  # a FIFO raises instead of blocking
+            data = self.source.read(i)  # a FIFO raises instead of blocking
         except OSError as e:
             self._bad(i, f"{type(e).__name__}: {e}")
             return None
@@ -240,24 +258,36 @@ class _HostReader:
         return data if self.status[i] == RAW else None
 
     def sample(self, epoch: int, index: int, seen: list):
-        """Like ``MultiViewImageFolder.__getitem__``: the next readable file from ``index``,
-        with the views seeded by the *requested* index."""
-        n = len(self.samples)
-        for attempt in range(n):
-            i = (index + attempt) % n
-            data = None if self.status[i] == BAD else self.read(i)
+        """The next readable sample from ``index`` (:func:`~.source.first_readable`), with
+        the views seeded by the *requested* index."""
+        def known_bad(i: int) -> bool:  # passed over unread, and reported again
+            if self.status[i] != BAD:
+                return False
+            seen.append((i, BAD, 0, 0, self.reasons.get(i, "")))
+            return True
+
+        def open_one(i: int) -> bytes:
+            data = self.read(i)
             if data is None:
-                seen.append((i, BAD, 0, 0, self.reasons.get(i, "")))
-                continue
-            h, w = (int(x) for x in self.shape[i])
-            seen.append((i, int(self.status[i]), h, w, ""))
-            params = []
-            for v in range(self.transform.num_views):
-                t = self.transform.rand if v < self.transform.num_rand else self.transform.focal
-                torch.default_generator.manual_seed(seed_for(self.seed, epoch, index, v))
-                params.append(view_vector(replay(t, h, w)))
-            return i, data, params, attempt
-        raise HostError(f"no readable image in {self.root}")
+                raise _Unreadable(self.reasons.get(i, ""))
+            return data
+
+        def mark_bad(i: int, _) -> None:  # the loader merges, counts and logs it (_learn)
+            seen.append((i, BAD, 0, 0, self.reasons.get(i, "")))
+
+        try:
+            i, data, attempt = first_readable(len(self.source), index, _Lookup(known_bad),
+                                              open_one, mark_bad, self.source.name)
+        except RuntimeError as e:
+            raise HostError(str(e)) from None
+        h, w = (int(x) for x in self.shape[i])
+        seen.append((i, int(self.status[i]), h, w, ""))
+        params = []
+        for v in range(self.transform.num_views):
+            t = self.transform.rand if v < self.transform.num_rand else self.transform.focal
+            torch.default_generator.manual_seed(seed_for(self.seed, epoch, index, v))
+            params.append(view_vector(replay(t, h, w)))
+        return i, data, params, attempt
 
     def batch(self, items: list[tuple[int, int]]):
         """``(bytes per sample, meta (B, 2) int64 [label, skipped], view arguments (views,
@@ -268,7 +298,7 @@ class _HostReader:
             for b, (epoch, index) in enumerate(items):
                 i, d, params, skipped = self.sample(epoch, index, seen)
                 data.append(d)
-                meta.append((self.samples[i][1], skipped))
+                meta.append((self.source.label(i), skipped))
                 views[:, b] = params
         return data, np.array(meta, np.int64), views, seen
 
@@ -278,6 +308,7 @@ _worker_reader: Optional[_HostReader] = None
 
 def _worker_init(state: bytes) -> None:
     global _worker_reader
+    D.shield_worker()  # a signal to the process group is the trainer's to act on
     torch.set_num_threads(1)  # tiny tensors only; more threads just contend
     _worker_reader = pickle.loads(state)
 
@@ -317,11 +348,12 @@ class DaliMultiCropLoader:
         if pipelines is None:
             pipelines = 1 if device_id is not None else DEFAULT_CPU_PIPELINES
         self.pipelines = max(1, min(pipelines, self.num_threads))
-        n = len(dataset.samples)
+        self.source = dataset.source
+        n = len(self.source)
         self._status = np.zeros(n, np.int8)
         self._shape = np.zeros((n, 2), np.int32)
-        self._reader = _HostReader(dataset.samples, self.transform, dataset.seed,
-                                   str(dataset.root), self._status, self._shape)
+        self._reader = _HostReader(self.source, self.transform, dataset.seed, self._status,
+                                   self._shape)
         self._pipes: list = []
         self._clean = False
         self._source = iter(())
@@ -433,8 +465,8 @@ class DaliMultiCropLoader:
         self._status[i] = BAD
         if i not in self.bad_indices:
             self.bad_indices.add(i)
-            self.bad_files.append(self.dataset.samples[i][0])
-            log.warning("skipping unreadable image %s: %s", self.dataset.samples[i][0], reason)
+            self.bad_files.append(self.source.key(i))
+            self.source.mark_bad(i, reason)  # the shared record; logs it
 
     # DALI side -------------------------------------------------------------------------
     def _deal(self) -> None:
@@ -569,12 +601,12 @@ class DaliMultiCropLoader:
         if not self._pending:
             raise error
         changed = False
-        n = len(self.dataset.samples)
+        n = len(self.source)
         for _, index in self._pending[0]:
             i = next((j % n for j in range(index, index + n) if self._status[j % n] != BAD), None)
             if i is not None and self._status[i] == RAW:
                 try:
-                    decode_rgb(read_regular(self.dataset.samples[i][0]))
+                    decode_rgb(self.source.read(i))
                     self._status[i] = TRANSCODE
                 except Exception as e:
                     self._mark_bad(i, f"{type(e).__name__}: {e}")

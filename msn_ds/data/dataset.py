@@ -1,168 +1,40 @@
-"""ImageFolder datasets for pretraining (multi-view) and evaluation.
+"""Datasets for pretraining (multi-view, over any :class:`~.source.ImageSource`) and
+evaluation (ImageFolders).
 
-Both list their images with :func:`list_images`, torchvision's order and labels without its
-two traps: a FIFO (or socket, device) named ``*.png`` would block the first read forever,
-and a directory symlink loop would list the same images over and over (and under other
-classes). Non-regular files are skipped and counted; a directory symlink is followed only
-when its real path is outside the tree already listed, at most once.
+Folders are listed by :func:`~.source.list_images` (torchvision's order and labels, without
+its FIFO and symlink-loop traps); an unreadable sample is replaced by the next readable one
+by the one rule of :func:`~.source.first_readable`, shared with the DALI loader.
 """
 from __future__ import annotations
 
 import logging
 import os
-import stat
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..seeding import seed_for
+from .source import (FolderSource, ImageSource, Listing, first_readable, list_images,  # noqa: F401
+                     load_rgb, new_bad_mask)
 
 log = logging.getLogger(__name__)
 
-_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-          (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` to RGB. Opened non-blocking and checked to be a regular file first: a
-    file that became a FIFO after listing raises at once instead of blocking the reader (and,
-    in the main process, the stop signal) forever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(f"not a regular file ({_kind(mode)}): {path}")
-        f = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with f:
-        img = Image.open(f)
-        img.load()
-    return img.convert("RGB")
-
-
-@dataclass
-class Listing:
-    """What :func:`list_images` found. ``special``: ``(path, kind)`` of files with an image
-    extension that are not regular files (skipped); ``loops``/``duplicate_dirs``: ``(link,
-    real path)`` of directory symlinks not followed; ``samples``: ``(path, class index)``."""
-    classes: list
-    class_to_idx: dict
-    samples: list = field(default_factory=list)
-    special: list = field(default_factory=list)
-    loops: list = field(default_factory=list)
-    duplicate_dirs: list = field(default_factory=list)
-
-    def log_skipped(self, root: str) -> None:
-        if self.special:
-            log.warning("%s: skipped %d non-regular files named like images, e.g. %s (%s)",
-                        root, len(self.special), *self.special[0])
-        if self.loops:
-            log.warning("%s: %d directory symlink loops not followed, e.g. %s -> %s", root,
-                        len(self.loops), *self.loops[0])
-        if self.duplicate_dirs:
-            log.warning("%s: %d directory symlinks to folders listed elsewhere not followed, "
-                        "e.g. %s -> %s", root, len(self.duplicate_dirs), *self.duplicate_dirs[0])
-
-
-def _inside(path: str, tops) -> bool:
-    return any(path == t or path.startswith(t.rstrip(os.sep) + os.sep) for t in tops)
-
-
-def list_images(root: str, class_to_idx: Optional[dict] = None,
-                extensions: tuple = IMG_EXTENSIONS, allow_empty: bool = False) -> Listing:
-    """torchvision's ImageFolder listing (classes: sorted sub-folders; per class, the sorted
-    walk of its tree, files with an image extension in sorted order), made safe:
-
-    * only regular files (after following file symlinks) are listed; others with an image
-      extension go to ``special``;
-    * a directory symlink is followed only if its real path lies outside every class
-      folder's real tree and every tree already followed: a link to an ancestor is a loop,
-      one into the dataset (another class included) or to a tree followed before is a
-      duplicate; both are reported, not followed.
-
-    ``FileNotFoundError`` when a class has no image (unless ``allow_empty``), as torchvision.
-    """
-    root = os.fspath(root)
-    if class_to_idx is None:
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not classes:
-            raise FileNotFoundError(f"Couldn't find any class folder in {root}.")
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-    classes = sorted(class_to_idx, key=class_to_idx.get)
-    out = Listing(classes, class_to_idx)
-    followed = {os.path.realpath(os.path.join(root, c)) for c in class_to_idx}
-    ext = tuple(e.lower() for e in extensions)
-    empty = []
-    for cls in sorted(class_to_idx):
-        top = os.path.join(root, cls)
-        if not os.path.isdir(top):
-            continue
-        walked = []  # (dirpath, [file entries]) as os.walk(followlinks=True) would give
-        stack = [top]
-        while stack:
-            d = stack.pop()
-            try:  # by name, depth first: which of two links to one folder is followed is fixed
-                entries = sorted(os.scandir(d), key=lambda e: e.name)
-            except OSError:  # os.walk ignores unreadable folders too
-                continue
-            files, here, subdirs = [], None, []
-            for e in entries:
-                try:
-                    is_dir = e.is_dir()
-                except OSError:
-                    is_dir = False
-                if not is_dir:
-                    files.append(e)
-                    continue
-                if e.is_symlink():
-                    real = os.path.realpath(e.path)
-                    here = here or os.path.realpath(d)
-                    if _inside(here, [real]):
-                        out.loops.append((e.path, real))
-                        continue
-                    if _inside(real, followed):
-                        out.duplicate_dirs.append((e.path, real))
-                        continue
-                    followed.add(real)
-                subdirs.append(e.path)
-            stack.extend(reversed(subdirs))
-            walked.append((d, files))
-        n = len(out.samples)
-        for d, files in sorted(walked, key=lambda t: t[0]):
-            for e in sorted(files, key=lambda e: e.name):
-                if not e.name.lower().endswith(ext):
-                    continue
-                try:
-                    regular = e.is_file()  # d_type, no stat for plain entries
-                    mode = None if regular else os.stat(e.path).st_mode
-                except OSError:
-                    out.special.append((e.path, "broken symlink"))
-                    continue
-                if regular:
-                    out.samples.append((e.path, class_to_idx[cls]))
-                else:
-                    out.special.append((e.path, _kind(mode)))
-        if len(out.samples) == n:
-            empty.append(cls)
-    if empty and not allow_empty:
-        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}"
-                                f" in {root}. Supported extensions are: {', '.join(extensions)}")
-    return out
-
 
 class SafeImageFolder(ImageFolder):
-    """:class:`ImageFolder` listed by :func:`list_images` (``self.listing``: what was skipped)."""
+    """:class:`ImageFolder` listed by :func:`list_images` (``self.listing``: what was skipped)
+    that never fails on one image: :meth:`read_from` passes over unreadable files to the
+    next readable one in folder order. Unreadable files are remembered in a shared-memory
+    mask (``bad``) that loader workers write and the reading process reads: a bad file is
+    read once, named once in the log, and :meth:`unreadable` lists each one once. The
+    replacement does not depend on whether a file was already known to be bad, so it is the
+    same in every epoch, worker and process."""
+
+    def __init__(self, root: str, *args, **kwargs):
+        super().__init__(root, *args, **kwargs)
+        self.bad = new_bad_mask(len(self.samples))
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
                      allow_empty=False):
@@ -173,49 +45,102 @@ class SafeImageFolder(ImageFolder):
         self.listing.log_skipped(os.fspath(directory))
         return self.listing.samples
 
-
-class MultiViewImageFolder(SafeImageFolder):
-    """ImageFolder whose items are indexed by ``(epoch, index)`` and return
-    ``(views, label, skipped)``.
-
-    Each view is seeded by ``(seed, epoch, index, view)``. An unreadable image is replaced
-    by the next readable one in folder order; ``skipped`` counts the unreadable files passed
-    over. Unreadable files are remembered in a shared-memory mask (``bad``) that loader
-    workers write and the training process reads: a bad file is read once, not every epoch,
-    and :meth:`unreadable` lists each one once however often it was passed over. The
-    replacement does not depend on whether a file was already known to be bad, so it stays
-    the same in every epoch and every worker.
-    """
-
-    def __init__(self, root: str, transform: Callable, seed: int = 0):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder not found: {root}")
-        super().__init__(root, loader=load_rgb)
-        self.multi_transform = transform
-        self.seed = seed
-        self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+    def keep_samples(self, keep: list) -> None:
+        """Restrict the folder to ``keep`` (``(path, label)`` pairs of ``samples``)."""
+        self.samples = self.imgs = keep
+        self.targets = [y for _, y in keep]
+        self.bad = new_bad_mask(len(keep))
 
     def unreadable(self) -> list[str]:
         """Paths of the distinct unreadable files found so far (by any worker)."""
         return [self.samples[i][0] for i in self.bad.nonzero().flatten().tolist()]
 
+    def read_from(self, index: int):
+        """``(image, label, passed)``: the first readable image at or after ``index`` (folder
+        order, wrapping), and how many unreadable files were passed over to reach it."""
+        i, img, passed = first_readable(len(self.samples), index, self.bad,
+                                        lambda j: self.loader(self.samples[j][0]),
+                                        self._mark_bad, self.root)
+        return img, self.samples[i][1], passed
+
+    def _mark_bad(self, i: int, reason) -> None:
+        self.bad[i] = 1
+        log.warning("skipping unreadable image %s: %s", self.samples[i][0], reason)
+
+
+UNREADABLE = -1
+"""The label :class:`EvalImageFolder` gives the stand-in for an unreadable image."""
+
+
+class EvalImageFolder(SafeImageFolder):
+    """Items ``(image, label)`` for evaluation. An unreadable image's row holds the next
+    readable image with the label :data:`UNREADABLE`, so batches keep their shape, rows
+    stay aligned with the image list at any world size and worker count, and every consumer
+    drops those rows (:func:`readable_rows`) rather than crash on one bad file."""
+
+    def __getitem__(self, index: int):
+        img, label, passed = self.read_from(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label if passed == 0 else UNREADABLE
+
+
+def readable_rows(labels):
+    """The boolean mask of rows whose image was read (label not :data:`UNREADABLE`)."""
+    return labels != UNREADABLE
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """Items indexed by ``(epoch, index)`` over an :class:`ImageSource`, returning
+    ``(views, label, skipped)``.
+
+    Each view is seeded by ``(seed, epoch, index, view)``. An unreadable sample is replaced
+    by the next readable one in index order (:meth:`ImageSource.read_from`); ``skipped``
+    counts the unreadable samples passed over. ``root`` names the source in messages;
+    ``samples``, ``bad`` and :meth:`unreadable` are the source's.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable, seed: int = 0):
+        self.source = source
+        self.multi_transform = transform
+        self.seed = seed
+
+    @property
+    def root(self) -> str:
+        return self.source.name
+
+    @property
+    def samples(self):
+        return self.source.samples
+
+    @property
+    def bad(self) -> torch.Tensor:
+        return self.source.bad
+
+    def unreadable(self) -> list[str]:
+        return self.source.unreadable()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            if self.bad[i]:
-                continue
-            path, label = self.samples[i]
-            try:
-                img = self.loader(path)
-            except Exception as e:  # corrupt, truncated, not an image, not a regular file
-                self.bad[i] = 1
-                log.warning("skipping unreadable image %s: %s", path, e)
-                continue
-            n = self.multi_transform.num_views
-            seeds = [seed_for(self.seed, epoch, index, v) for v in range(n)]
-            return self.multi_transform(img, view_seeds=seeds), label, attempt
-        raise RuntimeError(f"no readable image in {self.root}")
+        img, label, passed = self.source.read_from(index)
+        seeds = [seed_for(self.seed, epoch, index, v)
+                 for v in range(self.multi_transform.num_views)]
+        return self.multi_transform(img, view_seeds=seeds), label, passed
+
+
+class MultiViewImageFolder(MultiViewDataset):
+    """:class:`MultiViewDataset` over an ImageFolder (:class:`FolderSource`; ``listing``
+    says what its listing skipped)."""
+
+    def __init__(self, root: str, transform: Callable, seed: int = 0):
+        super().__init__(FolderSource(root), transform, seed)
+
+    @property
+    def listing(self) -> Listing:
+        return self.source.listing
 
 
 def collate_views(batch):
@@ -237,10 +162,11 @@ def read_list_file(path: str) -> list[str]:
         return [os.fsdecode(s) for s in (line.strip() for line in f) if s]
 
 
-def eval_folder(root: str, transform: Callable, subset_file: Optional[str] = None) -> ImageFolder:
-    """ImageFolder (listed by :func:`list_images`), optionally restricted to the images listed
-    in a subset file (``class_dir/filename`` per line, the reference's format)."""
-    ds = SafeImageFolder(root, transform=transform, loader=load_rgb)
+def eval_folder(root: str, transform: Callable, subset_file: Optional[str] = None
+                ) -> EvalImageFolder:
+    """:class:`EvalImageFolder` (listed by :func:`list_images`), optionally restricted to the
+    images listed in a subset file (``class_dir/filename`` per line, the reference's format)."""
+    ds = EvalImageFolder(root, transform=transform, loader=load_rgb)
     if subset_file is not None:
         wanted = set(read_list_file(subset_file))
         keep = [(p, y) for p, y in ds.samples
@@ -249,6 +175,5 @@ def eval_folder(root: str, transform: Callable, subset_file: Optional[str] = Non
         if missing:
             raise FileNotFoundError(f"{subset_file}: {missing} listed images not found "
                                     f"under {root}")
-        ds.samples = ds.imgs = keep
-        ds.targets = [y for _, y in keep]
+        ds.keep_samples(keep)
     return ds

@@ -56,6 +56,40 @@ def count_unreadable_everywhere(dataset, loader) -> int:
     return len(set().union(*everyone))
 
 
+PREFETCH_FACTOR = 2  # torch's default: batches each worker keeps in flight
+
+
+def batch_bytes(data: dict, batch_size: int) -> int:
+    """Bytes of one batch of views as the torch loader's workers hand it over (float32)."""
+    pixels = ((data["rand_views"] + 1) * data["rand_size"] ** 2
+              + data["focal_views"] * data["focal_size"] ** 2)
+    return batch_size * 3 * 4 * pixels
+
+
+def shm_problem(data: dict, batch_size: int, shm: str = "/dev/shm") -> Optional[str]:
+    """Why the torch loader's workers would fail at the first batch, or None. Workers pass
+    batches to the trainer through shared memory: a small ``/dev/shm`` (Docker's default is
+    64 MiB) fails with a bus error or ``No space left on device`` once training has
+    started."""
+    if data.get("loader", "auto") == "dali" or not data["num_workers"]:
+        return None
+    try:
+        import shutil
+
+        free = shutil.disk_usage(shm).free
+    except OSError:  # no /dev/shm here: torch falls back to file descriptors
+        return None
+    # in flight: every worker's prefetched batches, plus the one the trainer holds
+    needed = batch_bytes(data, batch_size) * (data["num_workers"] * PREFETCH_FACTOR + 1)
+    if free >= needed:
+        return None
+    mib = 2 ** 20
+    return (f"data.num_workers={data['num_workers']}: {shm} has {free / mib:.0f} MiB free, and "
+            f"the loader's workers keep about {needed / mib:.0f} MiB of batches there. Give it "
+            "more room (Docker: --shm-size=8g or --ipc=host), or lower data.num_workers or "
+            "criterion.batch_size (data.num_workers=0 needs none)")
+
+
 def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, world_size: int = 1,
                           rank: int = 0, device_id: Optional[int] = None,
                           loader: Optional[str] = None):
@@ -77,6 +111,7 @@ def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, wor
     it = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=data["num_workers"],
         pin_memory=data["pin_mem"] and torch.cuda.is_available(), collate_fn=collate_views,
-        drop_last=True, persistent_workers=data["num_workers"] > 0)
+        drop_last=True, persistent_workers=data["num_workers"] > 0,
+        worker_init_fn=D.shield_worker)
     log.info("data: torch loader (%d workers)", data["num_workers"])
     return dataset, sampler, it

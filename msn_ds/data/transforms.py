@@ -1,4 +1,4 @@
-"""The multi-crop augmentation of DESIGN.md section 1 (torchvision.transforms.v2).
+"""The multi-crop augmentation of docs/method.md section 1 (torchvision.transforms.v2).
 
 :func:`view_transform` is the stock torchvision ``v2.Compose``: the definition of a view, the
 object whose random draws :mod:`.replay` reproduces and the DALI loader replays.

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import errno
 import gc
+import logging
 import os
 import re
 import secrets
 import shutil
+import time
 import traceback
 from typing import Any, Callable, Optional
 
@@ -32,6 +34,7 @@ def atomic_write(path: str, write: Callable[[str], Any], *, folder: bool = False
     Errors other than write failures pass through unchanged (the temporary is removed)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(path)
     tmp = _create_temp(path, folder)
     mode = os.stat(tmp).st_mode & 0o777  # 0666 (folders 0777) less the umask
     try:
@@ -56,6 +59,67 @@ def atomic_write(path: str, write: Callable[[str], Any], *, folder: bool = False
             + f". Nothing was written (the temporary file was removed).{kept}") from None
     finally:
         remove_path(tmp)
+
+
+def open_append(path: str):
+    """``path`` opened for appending text, never through a symbolic link: a link planted in
+    its place (pointing anywhere) is removed and a new file created, the link's target left
+    untouched (and a warning logged)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    for _ in range(10):
+        try:
+            return os.fdopen(os.open(path, flags, 0o666), "a")
+        except OSError as e:
+            if e.errno != errno.ELOOP or not os.path.islink(path):
+                raise
+            try:
+                target = os.readlink(path)
+                os.unlink(path)  # the link itself, never its target
+            except FileNotFoundError:
+                continue
+            logging.getLogger("msn_ds").warning(
+                "%s was a symbolic link (to %s): replaced by a new file; its target is left "
+                "untouched (a run never writes through a link)", path, target)
+    raise OSError(errno.ELOOP, f"{path} keeps being replaced by a symbolic link")
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Remove the temporaries of earlier writes of ``path`` whose writer is gone (killed
+    with ``kill -9`` mid-write; their names hold the writer's pid); returns them. A writer on
+    another host sharing the folder looks gone too, so a temporary modified within the last
+    minute (a live writer keeps writing) is left alone."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.[0-9a-f]{8}\.tmp$")
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for e in entries:
+        m = pattern.match(e.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if time.time() - e.stat(follow_symlinks=False).st_mtime < 60:
+                continue
+            remove_path(e.path)
+            removed.append(e.path)
+        except OSError:
+            continue
+    if removed:
+        logging.getLogger("msn_ds").warning("removed %d temporaries left by an interrupted "
+                                            "write of %s", len(removed), path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _create_temp(path: str, folder: bool) -> str:

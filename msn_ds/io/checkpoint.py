@@ -48,8 +48,9 @@ def complete_tags(folder: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(folder):
-        m = _TAG_RE.match(name)
-        if m and model_states_file(os.path.join(folder, name)):
+        m = _TAG_RE.match(name)  # a linked-in folder is another run's, not one of ours
+        if (m and model_states_file(os.path.join(folder, name))
+                and not os.path.islink(os.path.join(folder, name))):
             found.append((int(m.group(1)), name))
     return sorted(found)
 
@@ -151,6 +152,15 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     if os.path.isfile(pointer):
         with open(pointer) as f:
             tag = f.read().strip()
+        home = os.path.realpath(path)
+        named = os.path.realpath(os.path.join(path, tag.replace("\0", "")))
+        linked = os.path.dirname(os.path.realpath(pointer)) != home
+        if linked or os.path.dirname(named) != home and named != home:
+            raise CheckpointError(  # another run's checkpoint, resumed as if it were ours
+                f"{pointer} = {tag!r} points outside {path}"
+                + (f" (it is a symbolic link to {os.readlink(pointer)})" if linked else "")
+                + f": refusing to resume another folder's checkpoint from it. Write the "
+                "name of a checkpoint of this folder (global_stepN) into it, or remove it.")
         if model_states_file(os.path.join(path, tag)):
             return path, tag
     tags = complete_tags(path)
@@ -174,10 +184,12 @@ def read_model_states(load_dir: str, tag: str) -> dict:
     return states
 
 
-def check_compatible(state: dict, cfg: dict, world_size: int, where: str) -> None:
+def check_compatible(state: dict, cfg: dict, world_size: int, where: str,
+                     accumulation: tuple[int, int] = (1, 1)) -> None:
     """The model, the seed and the *global* batch must match: with the global batch fixed, a
     step means the same images at any world size, so the schedules and the data order carry
-    over when the number of processes changes."""
+    over when the number of processes changes. ``accumulation``: the saved and this run's
+    ``gradient_accumulation_steps`` (a factor of the global batch)."""
     import yaml
 
     saved = yaml.safe_load(state["config"])
@@ -185,15 +197,18 @@ def check_compatible(state: dict, cfg: dict, world_size: int, where: str) -> Non
         if saved[section][key] != cfg[section][key]:
             raise CheckpointError(f"{where}: saved with {section}.{key}={saved[section][key]!r}, "
                                   f"this run has {cfg[section][key]!r}")
-    old = saved["criterion"]["batch_size"] * state["world_size"]
-    new = cfg["criterion"]["batch_size"] * world_size
+    (was_accum, accum), per = accumulation, world_size * accumulation[1]
+    old = saved["criterion"]["batch_size"] * state["world_size"] * was_accum
+    new = cfg["criterion"]["batch_size"] * world_size * accum
+    times = (lambda a: f" x {a} accumulated" if a > 1 else "")
     if old != new:
         raise CheckpointError(
             f"{where}: saved with a global batch of {old} ({state['world_size']} processes x "
-            f"{saved['criterion']['batch_size']}); this run has {new} ({world_size} x "
-            f"{cfg['criterion']['batch_size']}): set criterion.batch_size={old // world_size}"
-            if old % world_size == 0 else f"{where}: global batch {old} cannot be split over "
-            f"{world_size} processes")
+            f"{saved['criterion']['batch_size']}{times(was_accum)}); this run has {new} "
+            f"({world_size} x {cfg['criterion']['batch_size']}{times(accum)}): set "
+            f"criterion.batch_size={old // per}"
+            if old % per == 0 else f"{where}: global batch {old} cannot be split over "
+            f"{world_size} processes{times(accum)}")
 
 
 @dataclass
@@ -216,11 +231,22 @@ def plan_resume(path: str, cfg: dict, world_size: int, ds_config: dict) -> Resum
 
     load_dir, tag = find_checkpoint(path)
     where = os.path.join(load_dir, tag)
-    state = read_model_states(load_dir, tag)["msn"]
-    check_compatible(state, cfg, world_size, where)
+    states = read_model_states(load_dir, tag)
+    state = states["msn"]
+    check_compatible(state, cfg, world_size, where, accumulation=(
+        int((states.get("ds_config") or {}).get("gradient_accumulation_steps", 1)),
+        int(ds_config.get("gradient_accumulation_steps", 1))))
+    stage = zero_stage(ds_config)
+    saved_stage = zero_stage(states.get("ds_config") or {"zero_optimization": {"stage": stage}})
+    if saved_stage != stage:  # DeepSpeed would fail only after the run folder is written
+        raise CheckpointError(
+            f"{where}: saved with ZeRO stage {saved_stage}, this run's DeepSpeed config asks "
+            f"for ZeRO stage {stage}: a checkpoint resumes only at the ZeRO stage it was saved "
+            f"with (its optimizer state is laid out per stage; msn_ds converts it across world "
+            f"sizes, not stages). Resume with a ZeRO-{saved_stage} DeepSpeed config, or start "
+            "a new run from its weights (scripts/consolidate.py, then meta.init_weights).")
     scan(checkpoint_files(where))  # every process, before any of them loads anything
     plan = ResumePlan(load_dir, tag, state, state["world_size"])
-    stage = zero_stage(ds_config)
     if state["world_size"] == world_size or stage == 0:
         return plan  # a ZeRO-0 checkpoint holds whole tensors: any world size loads it
     universal = where + ".universal"

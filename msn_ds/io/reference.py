@@ -1,6 +1,6 @@
 """The reference implementation's (facebookresearch/msn) checkpoints: import and export.
 
-Its ``.pth.tar`` files (DESIGN.md section 3) are a torch pickle of a dict holding
+Its ``.pth.tar`` files (docs/method.md section 3) are a torch pickle of a dict holding
 ``target_encoder`` and optionally ``encoder`` (state dicts, keys prefixed ``module.`` by
 DDP), ``prototypes`` ``[K, out]`` and scalars such as ``epoch``. The ViT keys are timm's
 and the head's ``fc.{fc1,bn1,fc2,bn2,fc3}`` are our ``ProjectionHead``'s, so the mapping
@@ -21,7 +21,7 @@ import torch
 
 from .atomic import atomic_write
 from .weights import (ANCHOR_PREFIX, ANCHOR_HEAD_PREFIX, encoder_from_weights, encoder_metadata,
-                      read_weights)
+                      mark_head_absent, read_weights)
 from ..models import MSNEncoder, resolve_arch
 from ..models.vit import VIT_SIZES
 
@@ -219,7 +219,7 @@ def load_reference(path: str, arch: Optional[str] = None, img_size: Optional[int
     if isinstance(epoch, (int, float)) or (isinstance(epoch, torch.Tensor) and epoch.numel() == 1):
         meta["epoch"] = str(int(epoch))
     if not has_head:
-        meta["head"] = "absent"
+        mark_head_absent(meta)
     return target, (protos.detach().float().clone() if protos is not None else None), anchor, meta
 
 

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..config import weights_metadata_problem
 from ..models import MSNEncoder, resolve_arch
 from .atomic import atomic_write
 
@@ -30,6 +31,20 @@ TARGET_PREFIX = "target_encoder."
 HEAD_PREFIX = "target_head."
 ANCHOR_PREFIX = "anchor_encoder."
 ANCHOR_HEAD_PREFIX = "anchor_head."
+
+
+HEAD_KEY, HEAD_ABSENT = "head", "absent"
+"""Metadata ``head=absent``: the file's projection head is a seeded placeholder (a Hugging
+Face or headless reference import), not a trained one."""
+
+
+def has_trained_head(meta: Mapping[str, str]) -> bool:
+    return meta.get(HEAD_KEY) != HEAD_ABSENT
+
+
+def mark_head_absent(meta: dict[str, str]) -> dict[str, str]:
+    meta[HEAD_KEY] = HEAD_ABSENT
+    return meta
 
 
 def encoder_metadata(encoder: MSNEncoder | str, img_size: int, hidden_dim: int,
@@ -109,6 +124,9 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     missing = [k for k in ("arch", "output_dim", "hidden_dim") if k not in meta]
     if missing:
         raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
+    problem = weights_metadata_problem(meta, {k: tuple(v.shape) for k, v in tensors.items()})
+    if problem:  # before anything is built from it
+        raise ValueError(f"{path}: {problem}")
     return tensors, meta
 
 

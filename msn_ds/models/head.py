@@ -1,4 +1,4 @@
-"""Projection head and prototypes of MSN (DESIGN.md section 1)."""
+"""Projection head and prototypes of MSN (docs/method.md section 1)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -63,5 +63,13 @@ class MSNModel(nn.Module):
         self.encoder = encoder
         self.prototypes = Prototypes(num_proto, output_dim, trainable=not freeze_proto)
 
-    def forward(self, views, **mask):
+    def forward(self, views, part: str = "all", **mask):
+        """``part``: ``"all"`` (the encoder), or the gradient cache's halves
+        (``msn_ds/accumulate.py``): ``"features"`` returns the backbone's outputs per group of
+        views only, ``"head"`` takes them as ``views`` and returns ``(anchor_z, prototypes)``.
+        Through this forward, so that DeepSpeed's hooks see each half as a forward."""
+        if part == "features":
+            return self.encoder.features(views, **mask)
+        if part == "head":
+            return self.encoder.heads(views), self.prototypes()
         return self.encoder(views, **mask), self.prototypes()

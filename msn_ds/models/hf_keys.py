@@ -1,5 +1,5 @@
 """The ViT's parameter names in Hugging Face's ``ViTMSNModel`` (the ``facebook/vit-msn-*``
-checkpoints): one table for scripts/export_hf.py and scripts/import_hf.py, so that an
+checkpoints): one table for msn_ds/io/hf.py's export and import, so that an
 exported folder always imports back to the same weights."""
 
 LAYER_NORM_EPS = 1e-6  # build_vit's; transformers' ViTMSNConfig default is 1e-6 too

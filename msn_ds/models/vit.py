@@ -194,6 +194,31 @@ class MSNEncoder(nn.Module):
         h, z = (torch.cat(feats), torch.cat(outs)) if len(feats) > 1 else (feats[0], outs[0])
         return (h, z) if return_before_head else z
 
+    def features(self, views: Sequence[torch.Tensor] | torch.Tensor, masked_views: int = 0,
+                 mask_ratio: float = 0.0, per_sample_mask: bool = False,
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward`'s backbone half: the head's input of each group of views (one
+        tensor per group, rows view-major), for the gradient cache (``msn_ds/accumulate.py``).
+        ``heads(features(views, **mask))`` computes what ``forward(views, **mask)`` does."""
+        if isinstance(views, torch.Tensor):
+            views = [views]
+        if mask_ratio > 0 and not 0 < masked_views <= len(views):
+            raise ValueError(f"mask_ratio {mask_ratio} needs masked_views in 1..{len(views)}, "
+                             f"got {masked_views}")
+        feats, start = [], 0
+        for group in group_views(views, split=masked_views):
+            feats.append(self.forward_features(
+                torch.cat(group), mask_ratio=mask_ratio if start < masked_views else 0.0,
+                per_sample_mask=per_sample_mask, generator=generator))
+            start += len(group)
+        return tuple(feats)
+
+    def heads(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward`'s head half: the head on each group (BatchNorm statistics per
+        group, as in :meth:`forward`), rows concatenated."""
+        outs = [self.head(h) for h in feats]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
 
 def drop_tokens(x: torch.Tensor, mask_ratio: float, per_sample: bool,
                 generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -56,7 +56,7 @@ def head_forward_flops(in_dim: int, hidden_dim: int, output_dim: int, num_proto:
 
 @dataclass(frozen=True)
 class StepShape:
-    """What an image costs: the model and its views (DESIGN.md section 1 defaults)."""
+    """What an image costs: the model and its views (docs/method.md section 1 defaults)."""
     arch: str
     hidden_dim: int = 2048
     output_dim: int = 256

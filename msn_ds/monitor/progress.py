@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .. import distributed as D
+from ..io.atomic import open_append
 from ..loss import MSNLoss
 from .flops import mfu
 
@@ -114,8 +115,9 @@ class Monitor:
         self.history.append({"step": step, **scalars})
         if D.is_main():
             os.makedirs(os.path.dirname(self.metrics_path), exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
+            with open_append(self.metrics_path) as f:
+                # epochs count from 1, as in the progress line
+                f.write(json.dumps({"step": step, "epoch": epoch + 1, **scalars}) + "\n")
             log.info("[ep %d step %d/%d] loss %.4f %s | lr %.2e wd %.3f m %.5f T %.3f%s | "
                      "%.1f img/s%s data %.0f%% mem %.1f GiB ETA %s%s",
                      epoch + 1, step, self.total_steps, scalars.get("loss", float("nan")),
@@ -140,12 +142,14 @@ class Monitor:
         """An evaluation during training (rank 0's result): a log line, ``metrics.jsonl``
         and TensorBoard ``eval/*``; its top-1 also joins the following progress lines."""
         self.last_eval = scalars
-        if not D.is_main():
+        if not D.is_main() or not scalars:  # not rank 0, or no readable image left
             return
-        with open(self.metrics_path, "a") as f:
+        with open_append(self.metrics_path) as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
-        log.info("[step %d] k-NN top-1 %.2f%% top-5 %.2f%% (%s; %.1f s)", step,
-                 scalars["knn_top1"], scalars["knn_top5"], describe, scalars["knn_seconds"])
+        log.info("[step %d] k-NN top-1 %.2f%% top-5 %.2f%% (%s; %.1f s)%s", step,
+                 scalars["knn_top1"], scalars["knn_top5"], describe, scalars["knn_seconds"],
+                 f"; {scalars['knn_unreadable']} unreadable images left out"
+                 if scalars.get("knn_unreadable") else "")
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"eval/{k}", v, step)

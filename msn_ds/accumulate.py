@@ -1,0 +1,170 @@
+"""Exact large-batch MSN through gradient accumulation: the gradient cache (Gao et al. 2021,
+"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup").
+
+MSN's Sinkhorn targets, its me-max regulariser and the heads' BatchNorm span the whole
+batch, so summing the gradients of micro-batches would train another model. Instead, a step
+over a per-process batch of ``A`` micro-batches (DeepSpeed's ``gradient_accumulation_steps``)
+runs in three phases:
+
+1. without autograd: the target encoder's backbone over every micro-batch, its head over
+   the whole batch; the anchor backbone over every micro-batch, keeping only its outputs
+   (the class tokens that enter the projection head, one small tensor per group of views);
+2. with autograd: the anchor heads, the prototypes and the loss on the whole per-process
+   batch, exactly as one large step computes them; the backward gives the heads' and the
+   prototypes' gradients, and ``dL/dh`` at every cached backbone output;
+3. per micro-batch: the anchor backbone again, with autograd, and the backward of
+   ``sum(h * dL/dh)``, whose gradient is the large step's.
+
+Masks and stochastic layers replay identically in phases 1 and 3: each micro-batch draws its
+patch mask from a generator made afresh from ``(seed, step)`` (the large step's shared mask
+exactly; a per-sample mask from ``(seed, step, micro-batch)``), and when a layer draws from
+the global RNG (drop path) its state is put back before the second forward.
+
+DeepSpeed sees ``A + 1`` backward calls and one ``engine.step()`` per optimizer step: every
+backward but the last runs with ``set_gradient_accumulation_boundary(False)``, so ZeRO-0/1
+reduce once, at the last; ``scale_wrt_gas=False``, as the cached gradient already is the
+whole batch's (ZeRO-2 reduce-scatters during each backward, as under DeepSpeed's own
+accumulation). ``A = 1`` never comes here: :meth:`.trainer.MSNTrainer.step` is unchanged.
+With ``A > 1``, ZeRO-3, fp16, ZeRO-Offload and ``meta.compile`` are refused before any work
+(:func:`.deepspeed_config.refuse_accumulation`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .masking import MASK_KEY, mask_generator
+from .seeding import seed_for
+
+
+def micro_generator(seed: int, step: int, micro: int, per_sample: bool) -> torch.Generator:
+    """The patch-mask generator of micro-batch ``micro`` of ``step``. A shared mask (one
+    permutation for the batch) is the large step's own: ``mask_generator(seed, step)`` for
+    every micro-batch. A per-sample mask is drawn per micro-batch, from its index too."""
+    if not per_sample:
+        return mask_generator(seed, step)
+    return torch.Generator().manual_seed(seed_for(seed, step, MASK_KEY, micro))
+
+
+def draws_from_global_rng(module: torch.nn.Module) -> bool:
+    """Whether a training forward draws from the global RNG (timm's drop path, dropout)."""
+    return any((getattr(m, "drop_prob", 0.0) or 0.0) > 0.0
+               or isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0.0
+               for m in module.modules())
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The global RNG state a forward on ``device`` draws from (host copies, no device
+    wait: a CUDA generator's state is its seed and offset)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def split(views: list[torch.Tensor], parts: int) -> tuple[list[list[torch.Tensor]], int]:
+    """The per-process batch as ``parts`` micro-batches of every view, and their size."""
+    batch = views[0].shape[0]
+    if batch % parts:
+        raise ValueError(f"a batch of {batch} images does not split into {parts} micro-batches "
+                         "(gradient_accumulation_steps)")
+    size = batch // parts
+    return [[v[k * size:(k + 1) * size] for v in views] for k in range(parts)], size
+
+
+def join(chunks: list[torch.Tensor], size: int) -> torch.Tensor:
+    """One group's rows of every micro-batch in the large step's order, as a new leaf.
+    ``chunks[k]``: micro-batch ``k``'s ``[n views x size images, D]``, view-major; returns
+    ``[n views x A*size images, D]``, view-major."""
+    dim = chunks[0].shape[-1]
+    return torch.cat([c.view(-1, size, dim) for c in chunks], dim=1).reshape(-1, dim)
+
+
+def unjoin(whole: torch.Tensor, parts: int, size: int) -> list[torch.Tensor]:
+    """:func:`join` undone: micro-batch ``k``'s rows of ``whole``."""
+    dim = whole.shape[-1]
+    grid = whole.view(-1, parts * size, dim)
+    return [grid[:, k * size:(k + 1) * size].reshape(-1, dim) for k in range(parts)]
+
+
+def accumulated_step(tr, views: list[torch.Tensor], step: int, log: bool,
+                     stop: int) -> tuple[torch.Tensor, dict, dict, torch.Tensor]:
+    """One optimizer step of :class:`.trainer.MSNTrainer` ``tr`` over ``tr.accumulation``
+    micro-batches; returns ``(loss, stats, sched, skipped)`` as the single-pass step does."""
+    engine, parts = tr.engine, tr.accumulation
+    sched = tr.schedules.at(step)
+    tr.set_hparams(sched["lr"], sched["wd"])
+    views = [v.to(tr.device, non_blocking=True) for v in views]
+    micro, size = split(views, parts)
+    norm_stats = [b.clone() for b in tr.norm_stats]
+    mask = dict(masked_views=tr.masked_views, mask_ratio=tr.mask_ratio,
+                per_sample_mask=tr.per_sample_mask)
+    replay = draws_from_global_rng(tr.model)
+
+    def anchor_features(k: int) -> tuple[torch.Tensor, ...]:
+        return engine([v.to(tr.dtype) for v in micro[k][1:]], part="features",
+                      generator=micro_generator(tr.seed, step, k, tr.per_sample_mask), **mask)
+
+    # phase 1: no autograd through the encoders
+    states: list[Optional[tuple]] = []
+    with torch.no_grad():
+        target_h = torch.cat([tr.target.forward_features(m[0].to(tr.target_dtype))
+                              for m in micro])
+        target_z = tr.target.head(target_h)
+        cached = []
+        for k in range(parts):
+            states.append(rng_state(tr.device) if replay else None)
+            cached.append(anchor_features(k))
+    after = rng_state(tr.device) if replay else None
+
+    # phase 2: heads, prototypes and loss on the whole per-process batch
+    leaves = [join([c[g] for c in cached], size).requires_grad_()
+              for g in range(len(cached[0]))]
+    del cached
+    anchor_z, prototypes = engine(leaves, part="head")
+    loss, stats = tr.criterion(anchor_z, target_z, prototypes, sched["T"])
+    flags = tr._agree(loss, stop)
+    finite = flags[0]
+    tr.flags.push(step, flags)
+    with torch.no_grad():
+        for now, before in zip(tr.norm_stats, norm_stats):
+            now.copy_(torch.where(finite > 0.5, now, before))
+
+    def backward() -> None:
+        engine.set_gradient_accumulation_boundary(False)
+        engine.backward(loss, scale_wrt_gas=False)
+        grads = [unjoin(leaf.grad, parts, size) for leaf in leaves]
+        # phase 3: per micro-batch, the backbone again and the cached gradient through it
+        for k in range(parts):
+            if replay:
+                set_rng_state(states[k], tr.device)
+            engine.set_gradient_accumulation_boundary(k == parts - 1)
+            feats = anchor_features(k)
+            surrogate = sum((h.float() * g[k].float()).sum() for h, g in zip(feats, grads))
+            engine.backward(surrogate, scale_wrt_gas=False)
+        if replay:
+            set_rng_state(after, tr.device)
+
+    if tr.gated:
+        backward()
+        grad_norm = tr._clip() if tr.clip_grad else (tr._grad_norm_stage0() if log else None)
+        tr.optimizer.found_inf = 1.0 - finite  # fused AdamW skips on the device
+        engine.step()
+        tr.ema.update(sched["momentum"], gate=finite)
+    elif bool(finite.item()):  # host-side optimiser: it waits for the host anyway
+        backward()
+        grad_norm = tr._clip() if tr.clip_grad else (tr._grad_norm_stage0() if log else None)
+        engine.step()
+        tr.ema.update(sched["momentum"])
+    else:
+        grad_norm = None
+    if log:
+        grad_norm = grad_norm if grad_norm is not None else tr._grad_norm_engine()
+        if grad_norm is not None:
+            stats["grad_norm"] = grad_norm
+    return loss.detach(), stats, sched, 1.0 - finite

@@ -1,0 +1,159 @@
+"""Training steps with and without gradient accumulation, for tests/test_accumulation.py.
+
+    python tests/dist_accumulation.py OUT.pt CASE [CASE ...]
+    torchrun --nproc_per_node 2 tests/dist_accumulation.py OUT.pt CASE [CASE ...]
+
+``CASE``: ``b{B}_a{A}_zero{S}_{fp32|bf16}[_dp][_psm]`` trains ``STEPS`` steps of the CPU demo
+model at ``criterion.batch_size=B`` and ``gradient_accumulation_steps=A`` on synthetic views
+(``_dp``: drop path 0.1, ``_psm``: per-sample masks, ``_ac``: activation checkpointing). Step ``s`` sees the global batch of
+``GLOBAL`` images drawn from seed ``s``; process ``r`` takes its ``r``-th slice, as the
+sampler does. Rank 0 saves, per case: the anchor encoder + prototypes and the target
+encoder as flat fp32 vectors, the losses, the anchor's first vector (``init``), and ``replay``: the largest difference between a
+micro-batch's backbone outputs in the first pass and in the second (0.0: replayed exactly).
+
+``resume_b{B}_a{A}_zero{S}_{dtype}``: the same case trained ``STEPS - 1`` steps, saved,
+rebuilt from the checkpoint and trained one more step (the vectors, as above). A suffix
+``_nan`` puts a NaN into step 1's batch instead and saves ``skipped`` (per step) and whether
+step 1 left every parameter and buffer as step 0 did (``unchanged``) and step 2 did not.
+"""
+import os
+import sys
+import tempfile
+
+import torch
+
+from msn_ds import distributed as D
+from msn_ds.config import dump, load_config
+from msn_ds.deepspeed_config import resolve_ds_config
+from msn_ds.io.checkpoint import load_training_checkpoint, save_training_checkpoint
+from msn_ds.trainer import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+GLOBAL = 16
+
+
+def parse(case: str):
+    parts = case.split("_")
+    resume = parts[0] == "resume"
+    parts = parts[1:] if resume else parts
+    batch, accum = int(parts[0][1:]), int(parts[1][1:])
+    stage, dtype = int(parts[2][len("zero"):]), parts[3]
+    return resume, batch, accum, stage, dtype, "dp" in parts[4:], "psm" in parts[4:], \
+        "ac" in parts[4:], "nan" in parts[4:]
+
+
+def make(case: str, resume_from=None):
+    _, batch, accum, stage, dtype, drop_path, psm, checkpointing, _ = parse(case)
+    ds = {"gradient_accumulation_steps": accum, "zero_optimization": {"stage": stage}}
+    if dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    cfg = load_config(f"{ROOT}/configs/demo_cpu.yaml",
+                      ["data.root_path=/nonexistent", f"criterion.batch_size={batch}",
+                       "data.num_workers=0", f"meta.drop_path_rate={0.1 if drop_path else 0.0}",
+                       f"criterion.per_sample_mask={psm}",
+                       f"meta.activation_checkpointing={int(checkpointing)}"], check_paths=False)
+    ds = resolve_ds_config(ds, cfg, D.world_size())
+    built = build(cfg, ds, steps_per_epoch=100, resume_from=resume_from)
+    step = 0
+    if built.plan is not None:
+        state, rank_states = load_training_checkpoint(built.engine, built.plan)
+        step = built.trainer.load_client_state(state, rank_states)
+    return cfg, built, step
+
+
+def views_for(cfg, step: int) -> list[torch.Tensor]:
+    """This process's slice of step ``step``'s global batch."""
+    d = cfg["data"]
+    sizes = [d["rand_size"]] * (1 + d["rand_views"]) + [d["focal_size"]] * d["focal_views"]
+    g = torch.Generator().manual_seed(1000 + step)
+    whole = [torch.randn(GLOBAL, 3, s, s, generator=g) for s in sizes]
+    per = GLOBAL // D.world_size()
+    return [v[D.rank() * per:(D.rank() + 1) * per] for v in whole]
+
+
+def spy_replay(trainer) -> list:
+    """Record every backbone pass of the anchor: ``(micro-batch shape, outputs)``."""
+    seen = []
+    encoder = trainer.model.encoder
+    real = encoder.features
+
+    def features(*a, **k):
+        out = real(*a, **k)
+        seen.append([h.detach().clone() for h in out])
+        return out
+    encoder.features = features
+    return seen
+
+
+def everything(tr) -> torch.Tensor:
+    """Parameters and buffers of both encoders and the prototypes, one fp32 vector."""
+    target = tr.target.module if hasattr(tr.target, "module") else tr.target
+    return torch.cat([t.detach().float().flatten() for m in (tr.model, target)
+                      for t in (*m.parameters(), *m.buffers())])
+
+
+def flat(module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in module.parameters()])
+
+
+def result(built, losses, replay, init) -> dict:
+    tr = built.trainer
+    target = tr.target.module if hasattr(tr.target, "module") else tr.target
+    return {"anchor": flat(tr.model), "target": flat(target), "losses": losses,
+            "replay": replay, "init": init}
+
+
+def train(case: str) -> dict:
+    resume, _, accum, *_ = parse(case)
+    cfg, built, step = make(case)
+    init = flat(built.trainer.model)
+    losses = []
+    seen = spy_replay(built.trainer)
+    last = STEPS - 1 if resume else STEPS
+    nan, snaps, skipped = parse(case)[-1], [], []
+    while step < last:
+        views = views_for(cfg, step)
+        if nan and step == 1:  # one image's target view: a non-finite loss everywhere
+            views[0][0] = float("nan")
+        out = built.trainer.step(views, step)
+        losses.append(float(out.loss))
+        skipped.append(float(out.skipped))
+        snaps.append(everything(built.trainer))
+        step += 1
+    if nan:  # the skipped step changed nothing: weights, target, BatchNorm statistics
+        return {"skipped": skipped, "unchanged": torch.equal(snaps[0], snaps[1]),
+                "changed_after": not torch.equal(snaps[1], snaps[2])}
+    replay = 0.0
+    if accum > 1:  # each step: A first-pass outputs, then the A replays in the same order
+        for s in range(0, len(seen), 2 * accum):
+            for a, b in zip(seen[s:s + accum], seen[s + accum:s + 2 * accum]):
+                replay = max(replay, max((x - y).abs().max().item() for x, y in zip(a, b)))
+    if resume:
+        folder = tempfile.mkdtemp(prefix="accum-") if D.rank() == 0 else None
+        box = [folder]
+        if D.world_size() > 1:
+            torch.distributed.broadcast_object_list(box)
+        folder = box[0]
+        tr = built.trainer
+        path = save_training_checkpoint(built.engine, folder, step,
+                                        tr.client_state(step, dump(cfg)), rank_state=tr.rank_state())
+        del built, tr
+        cfg, built, step = make(case, resume_from=path)
+        out = built.trainer.step(views_for(cfg, step), step)
+        losses.append(float(out.loss))
+    return result(built, losses, replay, init)
+
+
+def main():
+    out, cases = sys.argv[1], sys.argv[2:]
+    D.setup_env()
+    D.init_process_group()
+    results = {case: train(case) for case in cases}
+    if D.rank() == 0:
+        torch.save(results, out)
+    D.cleanup()
+
+
+if __name__ == "__main__":
+    main()
