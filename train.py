@@ -79,7 +79,10 @@ def build_knn_monitor(cfg: dict, source: str):
                           batch_size=ev["knn_batch_size"],
                           train_per_class=ev["knn_train_per_class"])
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{source}: eval.knn_train/knn_val: {e}") from None
+        hint = (" (the k-NN monitor needs labelled images, in class sub-folders; an unlabelled "
+                "training folder needs eval.knn_train and eval.knn_val, or "
+                "eval.knn_every_steps=0)" if "class folder" in str(e) else "")
+        raise ConfigError(f"{source}: eval.knn_train/knn_val: {e}{hint}") from None
 
 
 def build_loader(cfg: dict, accumulation: int = 1):
@@ -132,8 +135,9 @@ def main(argv=None) -> int:
         try:  # an empty train/ or fewer images than one global batch
             dataset, sampler, loader = build_loader(cfg, ds_config["gradient_accumulation_steps"])
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{args.config}: training images in {train_folder(cfg)}: "
-                              f"{e}") from None
+            where = ("data.shards" if cfg["data"]["shards"] is not None
+                     else f"training images in {train_folder(cfg)}")
+            raise ConfigError(f"{args.config}: {where}: {e}") from None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

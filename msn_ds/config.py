@@ -59,6 +59,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "use_sinkhorn": ((bool,), True),
         "freeze_proto": ((bool,), False),
         "batch_size": ((int,), 64),
+        # ours: the global batch a recipe is for; gradient_accumulation_steps follows from it
+        # (global / (batch_size x processes)); null: batch_size x processes x the JSON's
+        "global_batch_size": ((int, None), None),
         # ours
         "sinkhorn_iters": ((int,), 3),
         "per_sample_mask": ((bool,), False),
@@ -85,6 +88,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         # torch | dali | auto (dali with a CUDA GPU and DALI). torch by default until the
         # DALI GPU path has run on a GPU (its CPU mode is tested).
         "loader": ((str,), "torch"),
+        # WebDataset tar shards instead of <root_path>/<image_folder>/train: a brace pattern
+        # ("/data/train-{000000..000127}.tar") or a list of them (msn_ds/data/shards.py)
+        "shards": ((str, list, None), None),
     },
     "optimization": {
         "epochs": ((int,), 800),
@@ -186,6 +192,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("criterion", "memax_weight"): Range(0, 1e6),
     ("criterion", "ent_weight"): Range(0, 1e6),
     ("criterion", "batch_size"): Range(1, INT_MAX, large=8192, note="images per process"),
+    ("criterion", "global_batch_size"): Range(1, INT_MAX, note="images per optimizer step"),
     ("criterion", "sinkhorn_iters"): Range(0, 1000),
     ("criterion", "prior_tau"): Range(0, 100, note="PMSN's power-law exponent; 0 is uniform"),
     ("data", "num_workers"): Range(0, 1024),
@@ -402,6 +409,12 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
              f"{cfg['criterion']['prior']!r}")
     if cfg["data"]["loader"] not in LOADERS:
         fail("data.loader", f"must be one of {', '.join(LOADERS)}, got {cfg['data']['loader']!r}")
+    if cfg["data"]["shards"] is not None:
+        from .data.shards import shard_problem  # late import: the data layer loads torch
+
+        problem = shard_problem(cfg["data"]["shards"], check_files=check_paths)
+        if problem:
+            fail("data.shards", problem)
     ev = cfg["eval"]
     if check_paths and ev["knn_every_steps"]:
         train, val = knn_folders(cfg)
@@ -411,9 +424,9 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
             fail("eval.knn_val", f"points to a missing folder: {val} (k-NN needs labelled "
                  "validation images; set eval.knn_val or eval.knn_every_steps=0)")
     init = cfg["meta"]["init_weights"]
-    if check_paths and init is not None and not os.path.isfile(init):
-        fail("meta.init_weights", f"points to a missing weights file: {init}")
-    if check_paths:
+    if check_paths and init is not None and not (os.path.isfile(init) or os.path.isdir(init)):
+        fail("meta.init_weights", f"points to a missing weights file or folder: {init}")
+    if check_paths and cfg["data"]["shards"] is None:
         train_dir = train_folder(cfg)
         if not os.path.isdir(train_dir):
             fail("data.root_path/data.image_folder",

@@ -40,7 +40,8 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
     also sets must agree; a contradiction names both."""
     ds = copy.deepcopy(ds)
     micro = cfg["criterion"]["batch_size"]
-    accum = accumulation_steps(ds, micro, world_size, source)
+    accum = accumulation_steps(ds, micro, world_size, source,
+                               cfg["criterion"].get("global_batch_size"))
     checks = {"train_micro_batch_size_per_gpu": micro,
               "train_batch_size": micro * world_size * accum,
               "gradient_clipping": float(cfg["optimization"]["clip_grad"])}
@@ -82,14 +83,33 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
     return ds
 
 
-def accumulation_steps(ds: dict, micro: int, world_size: int, source: str) -> int:
+def accumulation_steps(ds: dict, micro: int, world_size: int, source: str,
+                       global_batch: int | None = None) -> int:
     """DeepSpeed's ``gradient_accumulation_steps`` (``A``): the micro-batches of
     ``criterion.batch_size`` images each process runs per optimizer step, exactly as one step
     over ``A`` times the batch (msn_ds/accumulate.py: the gradient cache). Unset or
     ``"auto"``: DeepSpeed's rule, ``train_batch_size / (micro-batch x processes)``, when the
-    JSON sets ``train_batch_size``, else 1."""
+    JSON sets ``train_batch_size``, else 1. ``global_batch`` (``criterion.global_batch_size``,
+    a recipe's own batch) acts as ``train_batch_size``: the same recipe then runs on any
+    number of processes that divides it, as fewer processes x more micro-batches."""
     accum = ds.get("gradient_accumulation_steps", "auto")
     total = ds.get("train_batch_size", "auto")
+    if global_batch is not None:
+        per_pass = micro * world_size
+        if global_batch % per_pass:
+            raise ConfigError(
+                f"criterion.global_batch_size={global_batch} is not a multiple of "
+                f"criterion.batch_size {micro} x {world_size} processes = {per_pass}: change "
+                "criterion.batch_size or the number of processes")
+        want = global_batch // per_pass
+        if total not in ("auto", None) and total != global_batch:
+            raise ConfigError(f"{source}: train_batch_size={total} contradicts "
+                              f"criterion.global_batch_size={global_batch}")
+        if accum not in ("auto", None) and accum != want:
+            raise ConfigError(f"{source}: gradient_accumulation_steps={accum} contradicts "
+                              f"criterion.global_batch_size={global_batch} = "
+                              f"{micro} x {world_size} processes x {want}")
+        return want
     if accum == "auto" or accum is None:
         if total == "auto" or total is None:
             return 1

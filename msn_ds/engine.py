@@ -4,6 +4,7 @@ precision. The order they are made in is :func:`.trainer.build`'s."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any
 
@@ -15,20 +16,31 @@ from .deepspeed_config import zero_stage
 from .ema import PartitionedEMA, PlainEMA, ShardedEMA, make_target
 from .models import MSNEncoder, MSNModel
 
+log = logging.getLogger("msn_ds")
 
-def build_models(cfg: dict) -> tuple[MSNModel, MSNEncoder]:
+def build_models(cfg: dict, resuming: bool = False) -> tuple[MSNModel, MSNEncoder]:
     """Anchor encoder + prototypes (trained), and the target encoder (EMA, fp32). The heads'
-    BatchNorm layers are global across processes by construction (``models.norm``)."""
+    BatchNorm layers are global across processes by construction (``models.norm``).
+    ``resuming``: ``meta.init_weights`` is not read (the checkpoint's weights win), and the
+    log says so."""
     meta, crit, data = cfg["meta"], cfg["criterion"], cfg["data"]
     torch.manual_seed(meta["seed"])
     encoder = MSNEncoder(meta["model_name"], img_size=data["rand_size"],
                          hidden_dim=meta["hidden_dim"], output_dim=meta["output_dim"],
                          use_bn=meta["use_bn"], drop_path_rate=meta["drop_path_rate"],
                          checkpoint_every=meta["activation_checkpointing"])
-    if meta["init_weights"]:
-        init_encoder_(encoder, meta["init_weights"])
+    init = None
+    if meta["init_weights"] and resuming:
+        log.info("meta.init_weights=%s ignored: this run resumes, and the checkpoint's "
+                 "weights win", meta["init_weights"])
+    elif meta["init_weights"]:
+        init = init_encoder_(encoder, meta["init_weights"], strict=meta["init_strict"])
     model = MSNModel(encoder, crit["num_proto"], meta["output_dim"],
                      freeze_proto=crit["freeze_proto"])
+    if init is not None and fit_prototypes(init, tuple(model.prototypes.weight.shape),
+                                           meta["init_weights"], meta["init_strict"]):
+        with torch.no_grad():
+            model.prototypes.weight.copy_(init.prototypes)
     target = make_target(encoder)
     if meta["compile"]:
         compile_blocks(encoder, meta["compile"])
@@ -36,49 +48,121 @@ def build_models(cfg: dict) -> tuple[MSNModel, MSNEncoder]:
     return model, target
 
 
-def init_encoder_(encoder: MSNEncoder, path: str, assign: bool = False) -> None:
-    """Start from a weights file's target encoder (ours, or one made by
-    ``scripts/import_hf.py``/``import_msn.py``): the backbone always, its position embedding
-    resampled to this run's grid; the head when the file has a trained one
-    (metadata ``head`` is not ``absent``). The target then starts as a copy."""
-    from .io.weights import HEAD_PREFIX, TARGET_PREFIX, has_trained_head, read_weights
+def init_encoder_(encoder: MSNEncoder, path: str, assign: bool = False, strict: bool = True,
+                  quiet: bool = False):
+    """Start ``encoder`` from ``path`` (``meta.init_weights``): an msn_ds weights file, a timm
+    or DINOv2 ViT state dict, or a Hugging Face ViTModel/ViTMSNModel folder or file, the
+    format told from the keys (:mod:`.io.foreign`) and logged. The backbone always, its
+    position embedding resampled to this run's grid; the head only from our own file with a
+    trained head (metadata ``head`` not ``absent``), else it keeps this run's
+    initialisation. The patch size, width and depth must be this run's. Keys missing from the
+    file or unknown to the ViT are listed, an error with ``strict`` (else a warning, the
+    missing ones keep their initialisation). Returns the file's
+    :class:`~.io.foreign.InitWeights` (its prototypes: :func:`fit_prototypes`). Raises
+    :class:`ConfigError` naming the file and the problem."""
+    from .io.foreign import MSN_DS, ForeignWeightsError, listing, read_init_weights, vit_shape
     from .models.vit import resample_pos_embed
 
+    where = f"meta.init_weights: {path}"
     try:
-        tensors, meta = read_weights(path)
-    except (FileNotFoundError, ValueError) as e:
+        w = read_init_weights(path)
+    except ForeignWeightsError as e:
         raise ConfigError(f"meta.init_weights: {e}") from None
-    if meta["arch"] != encoder.spec.name:
-        raise ConfigError(f"meta.init_weights: {path} holds {meta['arch']}, this run builds "
-                          f"{encoder.spec.name}")
-    backbone = {k[len(TARGET_PREFIX):]: v for k, v in tensors.items() if k.startswith(TARGET_PREFIX)}
-    if "pos_embed" in backbone:
-        side = math.isqrt(encoder.backbone.pos_embed.shape[1] - 1)
-        backbone["pos_embed"] = resample_pos_embed(backbone["pos_embed"], (side, side))
-    parts = [(encoder.backbone, backbone)]
-    if has_trained_head(meta):
-        parts.append((encoder.head, {k[len(HEAD_PREFIX):]: v for k, v in tensors.items()
-                                     if k.startswith(HEAD_PREFIX)}))
-    for module, state in parts:
-        try:
-            module.load_state_dict(state, strict=True, assign=assign)
-        except RuntimeError as e:
-            detail = " ".join(str(e).split("\n")[1:]).strip()
-            raise ConfigError(f"meta.init_weights: {path} does not fit this run's "
-                              f"{type(module).__name__}: {detail} "
-                              "(meta.hidden_dim/output_dim/use_bn must match the file)") from None
+    spec = encoder.spec
+    own = encoder.backbone.state_dict()
+    ours = (spec.patch_size, spec.embed_dim, spec.depth)
+    theirs = vit_shape(w.backbone)
+    if theirs is not None and theirs != ours:
+        held = w.arch if w.format == MSN_DS else f"a {w.format} ViT"
+        raise ConfigError(
+            f"{where}: the file holds {held}: patch {theirs[0]}, width "
+            f"{theirs[1]}, depth {theirs[2]} (patch_embed.proj.weight "
+            f"{list(w.backbone['patch_embed.proj.weight'].shape)}); this run builds "
+            f"{spec.name}: patch {ours[0]}, width {ours[1]}, depth {ours[2]} "
+            f"(patch_embed.proj.weight {list(own['patch_embed.proj.weight'].shape)}); "
+            "meta.model_name must match the file")
+    if w.format == MSN_DS and w.arch != spec.name:
+        raise ConfigError(f"{where} holds {w.arch}, this run builds {spec.name}")
+    if w.heads is not None and w.heads != spec.num_heads:
+        raise ConfigError(f"{where}: config.json has {w.heads} attention heads, this run's "
+                          f"{spec.name} has {spec.num_heads}")
+    backbone = dict(w.backbone)
+    pos, want = backbone.get("pos_embed"), own["pos_embed"].shape
+    if (pos is not None and pos.ndim == 3 and pos.shape[-1] == want[-1]
+            and pos.shape[1] != want[1] and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1):
+        side = math.isqrt(want[1] - 1)
+        backbone["pos_embed"] = resample_pos_embed(pos, (side, side))
+    wrong = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in this run"
+             for k, v in backbone.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ConfigError(f"{where}: does not fit this run's {spec.name}: {'; '.join(wrong[:4])}")
+    missing = [k for k in own if k not in backbone]
+    unexpected = [k for k in backbone if k not in own] + w.unexpected
+    if missing or unexpected:
+        found = "; ".join(f"{what} {listing(keys)}" for what, keys in
+                          (("missing from the file:", missing), ("unexpected:", unexpected))
+                          if keys)
+        if strict:
+            raise ConfigError(f"{where} ({w.format}) does not match this run's {spec.name}: "
+                              f"{found} (meta.init_strict=false loads the rest; missing "
+                              "tensors keep this run's initialisation)")
+        if not quiet:
+            log.warning("%s (%s), meta.init_strict=false: %s", where, w.format, found)
+    try:
+        encoder.backbone.load_state_dict({k: v for k, v in backbone.items() if k in own},
+                                         strict=False, assign=assign)
+        if w.head is not None:
+            encoder.head.load_state_dict(w.head, strict=True, assign=assign)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split("\n")[1:]).strip()
+        raise ConfigError(f"{where} does not fit this run's ProjectionHead: {detail} "
+                          "(meta.hidden_dim/output_dim/use_bn must match the file)") from None
+    if not quiet:
+        fresh = [name for name, got in (("head", w.head), ("prototypes", w.prototypes))
+                 if got is None]
+        log.info("meta.init_weights: %s is %s weights (detected from its keys): backbone "
+                 "loaded%s%s%s", path,
+                 "msn_ds's own" if w.format == MSN_DS else f"a {w.format} ViT's",
+                 "" if pos is None or pos.shape == want else
+                 f", position embedding resampled from {list(pos.shape)} to {list(want)}",
+                 f"; {' and '.join(fresh)} start fresh" if fresh else
+                 "; head and prototypes from the file",
+                 f"; dropped (not the backbone's): {listing(w.dropped)}" if w.dropped else "")
+        for note in w.notes:
+            log.info("meta.init_weights: %s", note)
+    return w
+
+
+def fit_prototypes(init, shape: tuple[int, int], path: str, strict: bool) -> bool:
+    """Whether the file's prototypes (our own file with a trained head) go into this run's
+    ``shape`` (``[criterion.num_proto, meta.output_dim]``); one of another shape is an error,
+    or with ``strict`` false a warning, the prototypes then starting fresh."""
+    if init.prototypes is None:
+        return False
+    if tuple(init.prototypes.shape) == tuple(shape):
+        return True
+    problem = (f"meta.init_weights: {path}: its prototypes are {list(init.prototypes.shape)}, "
+               f"this run's {list(shape)} (criterion.num_proto x meta.output_dim)")
+    if strict:
+        raise ConfigError(problem + "; meta.init_strict=false starts them fresh")
+    log.warning("%s: they start fresh (meta.init_strict=false)", problem)
+    return False
 
 
 def check_init_weights(cfg: dict) -> None:
     """``meta.init_weights`` checked before any work: the file loads into this run's encoder
     (built on the ``meta`` device, so nothing is computed or allocated)."""
     if cfg["meta"]["init_weights"]:
-        meta, data = cfg["meta"], cfg["data"]
+        meta, data, crit = cfg["meta"], cfg["data"], cfg["criterion"]
         with torch.device("meta"):
             encoder = MSNEncoder(meta["model_name"], img_size=data["rand_size"],
                                  hidden_dim=meta["hidden_dim"], output_dim=meta["output_dim"],
                                  use_bn=meta["use_bn"])
-        init_encoder_(encoder, meta["init_weights"], assign=True)
+        init = init_encoder_(encoder, meta["init_weights"], assign=True,
+                             strict=meta["init_strict"], quiet=True)
+        if meta["init_strict"]:  # else build_models warns, once
+            fit_prototypes(init, (crit["num_proto"], meta["output_dim"]), meta["init_weights"],
+                           strict=True)
 
 
 def compile_blocks(encoder: MSNEncoder, backend: str) -> None:

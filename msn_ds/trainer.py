@@ -48,7 +48,7 @@ def build(cfg: dict, ds_config: dict, steps_per_epoch: int,
     resumed."""
     plan = (plan_resume(resume_from, cfg, D.world_size(), ds_config)
             if resume_from is not None else None)
-    model, target = build_models(cfg)
+    model, target = build_models(cfg, resuming=plan is not None)
     engine = init_deepspeed(model, ds_config)
     target, ema = init_target(target, engine, ds_config)
     schedules = build_schedules(cfg, steps_per_epoch)

@@ -140,10 +140,11 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
     device = built.engine.device if isinstance(built.engine.device, torch.device) \
         else torch.device(built.engine.device)
     configure_precision(device)  # TF32 for fp32 runs on CUDA, as train.py
-    batch = cfg["criterion"]["batch_size"]
+    micro, accum = cfg["criterion"]["batch_size"], ds_config["gradient_accumulation_steps"]
+    batch = micro * accum  # one step's images per process: A micro-batches (gradient cache)
     views = synthetic_views(cfg, batch, device)
     try:
-        if os.environ.get(FAKE_OOM_ENV) == str(batch):
+        if os.environ.get(FAKE_OOM_ENV) == str(micro):
             raise RuntimeError(FAKE_OOM_MESSAGE)
         for i in range(warmup):
             trainer.step(views, i)
@@ -158,8 +159,8 @@ def run_one(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
         shape = StepShape.from_config(cfg)
         per_image = shape.flops_per_image()
         ips = batch / step_s  # per device
-        return {"model": cfg["meta"]["model_name"], "batch_per_device": batch,
-                "world_size": D.world_size(), "step_ms": 1e3 * step_s,
+        return {"model": cfg["meta"]["model_name"], "batch_per_device": micro,
+                "accumulation": accum, "world_size": D.world_size(), "step_ms": 1e3 * step_s,
                 "img_per_s": ips * D.world_size(), "img_per_s_per_device": ips,
                 "peak_gib": peak_memory_gib(device), "gflop_per_image": per_image / 1e9,
                 "tflops_per_device": ips * per_image / 1e12,
@@ -262,9 +263,17 @@ def run_plain(cfg: dict, ds_path: str, steps: int, warmup: int) -> dict:
 
 
 def trial_config(spec: dict) -> dict:
+    """The trial's config: ``batch`` per process, and ``accum`` micro-batches of it per step
+    (stated as the global batch, which also overrides a paper config's 1024)."""
+    accum, nproc = int(spec.get("accum", 1)), int(spec.get("nproc", 1))
+    if spec.get("baseline"):  # the plain step is one process, one pass over the whole batch
+        overrides = [f"criterion.batch_size={spec['batch'] * accum}",
+                     f"criterion.global_batch_size={spec['batch'] * accum}"]
+    else:
+        overrides = [f"criterion.batch_size={spec['batch']}",
+                     f"criterion.global_batch_size={spec['batch'] * nproc * accum}"]
     return load_config(spec["config"], [*spec["overrides"], f"meta.model_name={spec['model']}",
-                                        f"criterion.batch_size={spec['batch']}"],
-                       check_paths=False)
+                                        *overrides], check_paths=False)
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -368,7 +377,8 @@ def run_trial(spec: dict) -> tuple[str, dict]:
     rows carrying an ``error``. ``spec`` is the child's (model, batch, config, overrides,
     ds_path, steps, warmup) plus the launch keys ``nproc`` and ``timeout``."""
     nproc, timeout = int(spec.get("nproc", 1)), float(spec.get("timeout", 900))
-    head = {"model": spec["model"], "batch_per_device": spec["batch"]}
+    head = {"model": spec["model"], "batch_per_device": spec["batch"],
+            "accumulation": int(spec.get("accum", 1))}
     if spec.get("baseline"):
         head["step"] = spec["baseline"]
     script = os.path.abspath(__file__)
@@ -455,7 +465,9 @@ def format_results(rows: list[dict]) -> str:
     columns = BASELINE_COLUMNS if baseline else COLUMNS
 
     def line(r):
-        key = (r["model"], r["batch_per_device"]) + ((r.get("step", "ours"),) if baseline else ())
+        a = r.get("accumulation", 1)
+        batch = f"{r['batch_per_device']} x {a}" if a > 1 else r["batch_per_device"]
+        key = (r["model"], batch) + ((r.get("step", "ours"),) if baseline else ())
         if "error" in r:
             return f"{format_row(columns, key)}  {r['error']}"
         m = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
@@ -473,6 +485,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vit_small_16"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64], help="per device")
+    p.add_argument("--accumulation", nargs="+", type=int, default=[1], metavar="A",
+                   help="micro-batches per step (exact gradient accumulation): each batch size\n"
+                        "is timed at each A; the batch column shows micro-batch x A")
     p.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_configs/zero1_bf16.json")
     p.add_argument("--config", default="configs/pretrain/msn_vits16.yaml")
     p.add_argument("--steps", type=int, default=10)
@@ -509,18 +524,21 @@ def main(argv=None) -> int:
         return 2
 
     def spec_for(model: str):
-        def make(batch: int) -> dict:
-            return {"model": model, "batch": batch, "config": args.config,
+        def make(batch: int, accum: int = 1) -> dict:
+            return {"model": model, "batch": batch, "accum": accum, "config": args.config,
                     "overrides": list(args.overrides), "nproc": args.nproc,
                     "timeout": args.trial_timeout}
         return make
 
     try:  # every config is checked before the first child starts
+        if min(args.accumulation) < 1:
+            raise ConfigError(f"--accumulation {min(args.accumulation)}: need at least 1")
         for model in args.models:
             for b in args.batch_sizes:
-                cfg = trial_config(spec_for(model)(b))
-                resolve_ds_config(read_ds_config(args.deepspeed_config), cfg, args.nproc,
-                                  args.deepspeed_config)
+                for a in args.accumulation:
+                    cfg = trial_config(spec_for(model)(b, a))
+                    resolve_ds_config(read_ds_config(args.deepspeed_config), cfg, args.nproc,
+                                      args.deepspeed_config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -550,8 +568,8 @@ def run_model(args, spec_for, model: str, rows: list[dict]) -> bool:
     """The trials of one model (and its plain baselines, its max-batch search), appended to
     ``rows``; whether any failed."""
     failed = False
-    for b in args.batch_sizes:
-        spec = {**spec_for(b), "ds_path": args.deepspeed_config, "steps": args.steps,
+    for b, a in ((b, a) for b in args.batch_sizes for a in args.accumulation):
+        spec = {**spec_for(b, a), "ds_path": args.deepspeed_config, "steps": args.steps,
                 "warmup": args.warmup}
         status, row = run_trial(spec)
         failed |= status == "error"

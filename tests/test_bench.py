@@ -26,13 +26,17 @@ def test_bench_step_cpu_table(tmp_path):
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "scripts/bench_step.py", "--models", "vit_pico_4",
                         "--batch-sizes", "8", "--deepspeed_config", "ds_configs/zero0_fp32.json",
+                        "--accumulation", "1", "2",
                         "--steps", "2", "--warmup", "1", "--json", str(out), *TINY],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout)
     assert "img/s" in r.stdout and "MFU" in r.stdout and "vit_pico_4" in r.stdout
-    (row,) = json.loads(out.read_text())
+    row, accumulated = json.loads(out.read_text())
+    assert (row["accumulation"], accumulated["accumulation"]) == (1, 2)
+    assert re.search(r"vit_pico_4\s+8 x 2\s", r.stdout)  # micro-batch x A
+    assert accumulated["img_per_s"] == pytest.approx(16e3 / accumulated["step_ms"])
     cfg = load_config("configs/pretrain/msn_vits16.yaml", TINY + ["meta.model_name=vit_pico_4"],
                       check_paths=False)
     assert row["gflop_per_image"] * 1e9 == pytest.approx(StepShape.from_config(cfg).flops_per_image())
@@ -96,7 +100,8 @@ def test_oom_in_a_child_is_a_row_and_the_next_trial_runs(tmp_path):
     env = {**CPU_ENV, bench_step.FAKE_OOM_ENV: "4"}
     rc, stdout, stderr, rows, _ = run_bench(tmp_path, [4, 8], env)
     assert rc == 0, stderr[-3000:]  # out-of-memory is a result, not a failure
-    assert rows[0] == {"model": "vit_pico_4", "batch_per_device": 4, "error": "out of memory"}
+    assert rows[0] == {"model": "vit_pico_4", "batch_per_device": 4, "accumulation": 1,
+                       "error": "out of memory"}
     assert rows[1]["batch_per_device"] == 8 and rows[1]["step_ms"] > 0
     assert "out of memory" in stdout and "CUBLAS_STATUS_ALLOC_FAILED" in stderr
 

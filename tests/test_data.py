@@ -1,4 +1,6 @@
 """Data: world-size-invariant global batches, seeded views, unreadable images skipped."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,25 @@ def test_small_dev_shm_is_refused_with_the_fix(tmp_path):
         assert shm_problem({**data, "num_workers": 1, "rand_size": 32, "focal_size": 16}, 8) is None
     finally:
         shutil.disk_usage = real
+
+
+def test_unlabelled_folder_is_one_source_of_label_0(tmp_path):
+    """Images directly in the folder (and in sub-folders of any depth below it): one set,
+    label 0; a folder of class sub-folders stays an ImageFolder."""
+    from PIL import Image
+
+    from msn_ds.data.source import FolderSource
+
+    flat = tmp_path / "flat"
+    (flat / "a" / "b").mkdir(parents=True)
+    for i, where in enumerate(["", "", "a", "a/b"]):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(flat / where / f"img{i}.jpg")
+    src = FolderSource(str(flat))
+    assert sorted(os.path.relpath(p, flat) for p, _ in src.samples) == [
+        "a/b/img3.jpg", "a/img2.jpg", "img0.jpg", "img1.jpg"]
+    assert src.targets == [0, 0, 0, 0] and len(src.classes) == 1
+    labelled = tmp_path / "labelled"
+    for c in ("x", "y"):
+        (labelled / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(labelled / c / "i.jpg")
+    assert FolderSource(str(labelled)).targets == [0, 1]

@@ -71,18 +71,51 @@ def test_a_file_that_does_not_fit_is_refused(tmp_path):
         check_init_weights(cfg)
     cfg = load_config(DEMO, [f"meta.init_weights={tmp_path / 'w.safetensors'}",
                              "meta.model_name=vit_pico_8"], check_paths=False)
-    with pytest.raises(ConfigError, match="holds vit_pico_4, this run builds vit_pico_8"):
+    with pytest.raises(ConfigError, match=r"holds vit_pico_4: patch 4, width 128, depth 4 "
+                       r"\(patch_embed.proj.weight \[128, 3, 4, 4\]\); this run builds "
+                       r"vit_pico_8: patch 8, width 128, depth 4 \(patch_embed.proj.weight "
+                       r"\[128, 3, 8, 8\]\)"):
         check_init_weights(cfg)
+
+
+def relative_distance(weights_file, state):
+    """``|target - state| / |state|`` over the backbone tensors of a run's weights file."""
+    tensors, _ = read_weights(str(weights_file))
+    num = sum(((tensors[TARGET_PREFIX + k] - v.float()) ** 2).sum() for k, v in state.items())
+    return (num / sum((v.float() ** 2).sum() for v in state.values())).sqrt().item()
 
 
 @pytest.mark.slow
 def test_train_py_starts_from_the_file_or_refuses_before_work(demo_root, tmp_path):
-    ours(tmp_path / "w.safetensors")
+    """The demo model from a timm safetensors file and from a Hugging Face ViTModel folder:
+    after one step the target encoder is within 1e-2 (relative) of the file; a file that
+    does not fit exits 2 before any work."""
+    from safetensors.torch import save_file
+    from test_init_formats import hf_vit, timm_vit
+
+    state = timm_vit(classes=10).state_dict()
+    save_file(state, str(tmp_path / "timm.safetensors"))
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    sources = [("timm", tmp_path / "timm.safetensors", state)]
+    try:
+        from msn_ds.io.hf import hf_to_timm
+
+        hf = hf_vit(tmp_path)
+        sources.append(("Hugging Face", tmp_path / "hf", hf_to_timm(
+            {k: v for k, v in hf.state_dict().items() if not k.startswith("pooler.")}, "hf")))
+    except pytest.skip.Exception:  # transformers not installed: the timm file only
+        pass
     base = ["train.py", "--config", DEMO, "--deepspeed_config", "ds_configs/zero0_fp32.json",
-            f"data.root_path={demo_root}", "criterion.batch_size=8", "data.num_workers=0",
-            f"meta.init_weights={tmp_path / 'w.safetensors'}"]
-    run_cli(*base, f"logging.folder={tmp_path / 'run'}", "--max-steps", "1", timeout=600)
-    bad = run_cli(*base, f"logging.folder={tmp_path / 'bad'}", "meta.hidden_dim=64",
+            f"data.root_path={demo_root}", "criterion.batch_size=8", "data.num_workers=0"]
+    for name, path, want in sources:
+        run = tmp_path / f"run-{name.split()[0]}"
+        proc = run_cli(*base, f"meta.init_weights={path}", f"logging.folder={run}",
+                       "--max-steps", "1", timeout=600)
+        assert f"is a {name} ViT's weights" in proc.stdout + proc.stderr
+        assert relative_distance(run / "demo-target.safetensors", want) < 1e-2, name
+    bad = run_cli(*base, f"meta.init_weights={tmp_path / 'timm.safetensors'}",
+                  f"logging.folder={tmp_path / 'bad'}", "meta.model_name=vit_pico_8",
                   "--max-steps", "1", check=False, timeout=600)
     assert bad.returncode == 2 and "meta.init_weights" in bad.stderr
+    assert "holds a timm ViT: patch 4" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()

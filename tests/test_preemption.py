@@ -28,3 +28,4 @@ def test_group_signal_saves_and_exits_zero(demo_root, tmp_path, sig, loader):
     with open(os.path.join(folder, "latest")) as f:
         assert f.read() == "global_step3"
     assert os.path.isfile(os.path.join(folder, "demo-target.safetensors"))
+

@@ -4,13 +4,16 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from msn_ds.config import load_config
 from msn_ds.io.weights import load_encoder
 from msn_ds.monitor.flops import StepShape
 from helpers import run_cli
+from test_checkpoint import args
 
 pytestmark = pytest.mark.slow  # launches processes
 
@@ -94,3 +97,17 @@ def test_reference_vits16_config_trains(demo_root, tmp_path):
     rows = metrics(run)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[0]["np"] >= 1
+
+
+def test_flat_unlabelled_folder_trains(tmp_path):
+    """32 JPEGs directly in train/, no class folder: training runs (label 0 for all)."""
+    train = tmp_path / "flat" / "train"
+    train.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i in range(32):
+        Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            train / f"photo{i:02d}.jpg")
+    folder = str(tmp_path / "run")
+    r = run_cli("train.py", *args(str(tmp_path), folder, 2), "data.image_folder=flat")
+    assert "32 images (sub-folders included) as one unlabelled set" in r.stderr
+    assert os.path.isfile(os.path.join(folder, "demo-target.safetensors"))

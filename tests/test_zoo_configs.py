@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msn_ds.config import load_config
+from msn_ds.config import ConfigError, load_config
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.models import MSNEncoder
 from msn_ds.monitor.flops import StepShape, vit_forward_flops
@@ -141,5 +141,33 @@ def test_readme_table_is_recomputed():
                 f"{vit_forward_flops(s, 224) / 1e9:.1f}",
                 f"{StepShape.from_config(cfg).flops_per_image() / 1e9:.1f}",
                 f"{mask:g}", str(cfg["optimization"]["epochs"]), f"{gpus} x {per_gpu}",
+                *(on_gpus(name, g) for g in (8, 64)),
                 f"`{ds}`", f"every {k} blocks" if k else "off", "not yet"]
         assert cells == want, name
+
+
+def on_gpus(name: str, gpus: int) -> str:
+    """The table's "on N GPUs" cell, from what resolve_ds_config makes of the config there
+    (the per-GPU batch lowered to fit 1024 where it must, as the cell says)."""
+    cfg, _ = build(name)
+    path = re.search(r"DeepSpeed: (ds_configs/\S+?\.json)", _path(name).read_text()).group(1)
+    per = cfg["criterion"]["batch_size"]
+    note = ""
+    if cfg["criterion"]["global_batch_size"] is None:  # the reference's form
+        if gpus == 8:
+            cfg["criterion"]["global_batch_size"] = GLOBAL_BATCH
+            ds = resolve_ds_config(read_ds_config(str(ROOT / path)), cfg, gpus, path)
+            return (f"{gpus} x {per} = {gpus * per} (`criterion.global_batch_size=1024`: "
+                    f"{gpus} x {per} x {ds['gradient_accumulation_steps']})")
+        cfg["criterion"]["global_batch_size"] = GLOBAL_BATCH
+    if per * gpus > GLOBAL_BATCH:
+        per = GLOBAL_BATCH // gpus
+        cfg["criterion"]["batch_size"], note = per, f" (`criterion.batch_size={per}`)"
+    with pytest.raises(ConfigError, match="is not a multiple"):
+        resolve_ds_config(read_ds_config(str(ROOT / path)), cfg, gpus * 3, path)
+    ds = resolve_ds_config(read_ds_config(str(ROOT / path)), cfg, gpus, path)
+    a = ds["gradient_accumulation_steps"]
+    assert ds["train_batch_size"] == GLOBAL_BATCH == gpus * per * a
+    if gpus == 8:
+        return f"{gpus} x {per} x {a}{note}"
+    return f"{gpus} x {per}" + (f" x {a}" if a > 1 else "") + note

@@ -5,10 +5,11 @@ Same interface and same data as the torch path (``train.py`` cannot tell them ap
 iterating yields ``(views, labels, skipped)`` with ``views = [target, random anchors...,
 focal anchors...]``, each ``(B, 3, H, W)`` float32, ImageNet-normalised; the images come in
 :class:`GlobalBatchSampler`'s order (world-size invariant; ``set_epoch(e, start_batch)``
-resumes inside an epoch); unreadable files are replaced by the next readable one in folder
-order and counted, as in :class:`MultiViewImageFolder`.
+resumes inside an epoch); unreadable samples are replaced by the next readable one in index
+order and counted, by the source's one rule (:func:`.source.first_readable`).
 
-How DALI is fed: the host reads each file's bytes in the sampler's order and passes them
+How DALI is fed: the host reads each sample's bytes from the dataset's
+:class:`~.source.ImageSource` (a folder, tar shards) in the sampler's order and passes them
 with ``fn.external_source`` (no DALI file reader, whose sharding and shuffling would not
 follow our global order). The random parameters of every view are *replayed* from the torch
 path's own transform objects seeded with ``seed_for(seed, epoch, index, view)``
@@ -324,9 +325,10 @@ def _worker_batch(items: list[tuple[int, int]], forced: dict):
 class DaliMultiCropLoader:
     """Iterates ``(views, labels, skipped)`` over ``dataset`` in ``sampler``'s order.
 
-    ``dataset`` supplies ``samples`` (path, label), ``multi_transform`` (whose random draws
-    are replayed) and ``seed``: a :class:`MultiViewImageFolder`, so both loaders share one
-    file list. ``device_id=None`` runs DALI on the CPU. ``host_workers``: processes that read
+    ``dataset`` supplies ``source`` (the :class:`~.source.ImageSource` read: a folder or
+    shards), ``multi_transform`` (whose random draws are replayed) and ``seed``: a
+    :class:`MultiViewDataset`, so both loaders share one sample list. Unreadable samples go
+    to ``bad_indices``/``bad_files`` (keys, in the order found) and the source's record. ``device_id=None`` runs DALI on the CPU. ``host_workers``: processes that read
     files and replay parameters ahead of DALI (0: in the consumer's thread; None:
     ``DEFAULT_GPU_HOST_WORKERS`` with a GPU, else 0); the batches do not depend on it. They
     start with the first epoch and stop on :meth:`close` or when the loader is collected.

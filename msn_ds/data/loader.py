@@ -1,8 +1,9 @@
 """Pretraining loader factory: ``data.loader`` = ``dali`` | ``torch`` | ``auto``.
 
-Both loaders read the same :class:`MultiViewImageFolder` (file list, labels, seeded
-transform) in the same :class:`GlobalBatchSampler` order and yield ``(views, labels,
-skipped)``; ``auto`` picks DALI where it pays (a CUDA GPU and DALI installed), else torch.
+Both loaders read the same :class:`MultiViewDataset` (an image source: the training folder,
+or ``data.shards``, tar shards; labels; seeded transform) in the same
+:class:`GlobalBatchSampler` order and yield ``(views, labels, skipped)``; ``auto`` picks DALI
+where it pays (a CUDA GPU and DALI installed), else torch.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from .. import distributed as D
 from .dali import DaliMultiCropLoader, dali_available
-from .dataset import MultiViewImageFolder, collate_views
+from .dataset import MultiViewDataset, MultiViewImageFolder, collate_views
 from .sampler import GlobalBatchSampler
 from .transforms import MultiCropTransform
 
@@ -93,10 +94,17 @@ def shm_problem(data: dict, batch_size: int, shm: str = "/dev/shm") -> Optional[
 def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, world_size: int = 1,
                           rank: int = 0, device_id: Optional[int] = None,
                           loader: Optional[str] = None):
-    """``(dataset, sampler, loader)`` from the ``data`` config section. ``device_id``: the
-    GPU DALI decodes on (None: DALI on the CPU; ignored by the torch loader)."""
+    """``(dataset, sampler, loader)`` from the ``data`` config section: the images of
+    ``data.shards`` when set (:class:`~.shards.ShardSource`), else of the folder ``root``.
+    ``device_id``: the GPU DALI decodes on (None: DALI on the CPU; ignored by the torch
+    loader)."""
     transform = MultiCropTransform.from_config(data)
-    dataset = MultiViewImageFolder(root, transform, seed=seed)
+    if data.get("shards"):
+        from .shards import ShardSource
+
+        dataset = MultiViewDataset(ShardSource(data["shards"]), transform, seed=seed)
+    else:
+        dataset = MultiViewImageFolder(root, transform, seed=seed)
     sampler = GlobalBatchSampler(len(dataset), batch_size, world_size, rank, seed=seed)
     kind = resolve_loader(loader or data.get("loader", "auto"))
     if kind == "dali":

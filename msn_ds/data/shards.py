@@ -333,3 +333,31 @@ class ShardSource(ImageSource):
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def write_shards(source: ImageSource, out_dir: str, shard_size: int,
+                 prefix: str = "train") -> str:
+    """Write ``source``'s samples in index order as WebDataset shards with Python's
+    ``tarfile``: ``<out_dir>/<prefix>-000000.tar``, ..., ``shard_size`` samples each, sample
+    ``i`` as ``%09d.<ext>`` (the extension of its key, lower case) plus ``.cls``. Returns
+    the brace pattern naming them. Read back, the shards give ``source``'s batches."""
+    import io
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    os.makedirs(out_dir, exist_ok=True)
+    n = len(source)
+    count = (n + shard_size - 1) // shard_size
+    for s in range(count):
+        with tarfile.open(os.path.join(out_dir, f"{prefix}-{s:06d}.tar"), "w") as tf:
+            for i in range(s * shard_size, min(n, (s + 1) * shard_size)):
+                ext = source.key(i).rsplit(".", 1)[-1].lower()
+                if ext not in IMAGE_EXTENSIONS:
+                    raise ValueError(f"{source.key(i)}: WebDataset shards hold "
+                                     f"{', '.join(IMAGE_EXTENSIONS)} images only")
+                for name, data in ((f"{i:09d}.{ext}", source.read(i)),
+                                   (f"{i:09d}.cls", str(source.label(i)).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return os.path.join(out_dir, f"{prefix}-{{{0:06d}..{count - 1:06d}}}.tar")

@@ -92,6 +92,10 @@ def _inside(path: str, tops) -> bool:
     return any(path == t or path.startswith(t.rstrip(os.sep) + os.sep) for t in tops)
 
 
+UNLABELLED = ""
+"""The one class of an unlabelled folder (images directly in it): its tree, label 0."""
+
+
 def list_images(root: str, class_to_idx: Optional[dict] = None,
                 extensions: tuple = IMG_EXTENSIONS, allow_empty: bool = False) -> Listing:
     """torchvision's ImageFolder listing (classes: sorted sub-folders; per class, the sorted
@@ -104,14 +108,23 @@ def list_images(root: str, class_to_idx: Optional[dict] = None,
       one into the dataset (another class included) or to a tree followed before is a
       duplicate; both are reported, not followed.
 
+    An unlabelled folder (``class_to_idx`` not given, and images directly in ``root``) is
+    one source: the whole tree, sub-folders of any depth included, with label 0 (class
+    ``""``, :data:`UNLABELLED`): self-supervised pretraining needs no class folders.
+
     ``FileNotFoundError`` when a class has no image (unless ``allow_empty``), as torchvision.
     """
     root = os.fspath(root)
     if class_to_idx is None:
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not classes:
-            raise FileNotFoundError(f"Couldn't find any class folder in {root}.")
-        class_to_idx = {c: i for i, c in enumerate(classes)}
+        entries = list(os.scandir(root))
+        classes = sorted(e.name for e in entries if e.is_dir())
+        suffixes = tuple(e.lower() for e in extensions)
+        if any(e.name.lower().endswith(suffixes) and not e.is_dir() for e in entries):
+            class_to_idx = {UNLABELLED: 0}
+        elif not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder or image in {root}.")
+        else:
+            class_to_idx = {c: i for i, c in enumerate(classes)}
     classes = sorted(class_to_idx, key=class_to_idx.get)
     out = Listing(classes, class_to_idx)
     followed = {os.path.realpath(os.path.join(root, c)) for c in class_to_idx}
@@ -201,8 +214,8 @@ class ImageSource:
     """Index-addressable samples: see the module docstring. Subclasses set ``name`` and
     ``bad`` (:func:`new_bad_mask`) and define ``__len__``, :meth:`read`, :meth:`label` and
     :meth:`key`; :meth:`open` may decode more cheaply than ``decode_rgb(read(i))`` but must
-    give the same pixels. A source is pickled into loader processes: open handles belong
-    in ``__getstate__``-free caches that each process rebuilds."""
+    give the same pixels. A source is pickled into loader processes (DALI's host workers),
+    so open handles must not travel: each process opens its own."""
 
     name: str = "?"
     bad: torch.Tensor
@@ -280,6 +293,9 @@ class FolderSource(ImageSource):
         self.root = self.name = root
         self.listing = list_images(root, extensions=extensions)
         self.listing.log_skipped(root)
+        if self.listing.classes == [UNLABELLED]:
+            log.info("%s: no class sub-folders, images directly in it: %d images (sub-folders "
+                     "included) as one unlabelled set, label 0", root, len(self.listing.samples))
         self.classes, self.class_to_idx = self.listing.classes, self.listing.class_to_idx
         self._samples = self.listing.samples
         self.bad = new_bad_mask(len(self._samples))

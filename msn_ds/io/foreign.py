@@ -115,7 +115,8 @@ def _ours(path: str) -> InitWeights:
         tensors, meta = read_weights(path)
     except (FileNotFoundError, ValueError) as e:
         raise ForeignWeightsError(str(e)) from None
-    backbone = {k[len(TARGET_PREFIX):]: v for k, v in tensors.items() if k.startswith(TARGET_PREFIX)}
+    backbone = {k[len(TARGET_PREFIX):]: v for k, v in tensors.items()
+                if k.startswith(TARGET_PREFIX)}
     head = prototypes = None
     if has_trained_head(meta):
         head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
