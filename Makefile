@@ -37,9 +37,9 @@ test: .venv/.installed
 	$(PY) -m pytest -q tests
 
 # The in-process tests only: no test that launches processes, and not the GPU tests (which
-# skip on a CPU machine anyway).
+# skip on a CPU machine anyway); two pytest workers (pytest-xdist).
 test-fast: .venv/.installed
-	$(PY) -m pytest -q -m "not slow and not gpu" tests
+	$(PY) -m pytest -q -n 2 -m "not slow and not gpu" tests
 
 clean:
 	rm -rf .venv runs data

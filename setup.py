@@ -30,7 +30,8 @@ setup(
         # DALI runs its tests in CPU mode (device_id=None); the CUDA 13 wheel works without a GPU
         # cyanure: the reference's solver, for the solver-equivalence test
         # transformers: tests/test_hf.py (export/import round trips, no download)
-        "test": ["pytest>=7", "mlxtend>=0.23", "nvidia-dali-cuda130", "cyanure",
-                 "transformers>=4.45"],
+        # pytest-xdist: make test-fast runs its in-process tests on 2 workers
+        "test": ["pytest>=7", "pytest-xdist>=3", "mlxtend>=0.23", "nvidia-dali-cuda130",
+                 "cyanure", "transformers>=4.45"],
     },
 )

@@ -23,7 +23,7 @@ from msn_ds.data.loader import (build_pretrain_loader, count_unreadable,
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.engine import check_init_weights, configure_precision
 from msn_ds.io.atomic import SaveError
-from msn_ds.io.checkpoint import consolidate, load_training_checkpoint, save_training_checkpoint
+from msn_ds.io.checkpoint import consolidate
 from msn_ds.io.safe_load import CheckpointError
 from msn_ds.monitor.flops import StepShape, peak_flops
 from msn_ds.monitor.progress import Monitor, setup_logging
@@ -171,17 +171,16 @@ def main(argv=None) -> int:
         claim.release()
         D.cleanup()
         return 2
-    engine, target, schedules, trainer, plan = (built.engine, built.target, built.schedules,
-                                                built.trainer, built.plan)
+    trainer, plan = built.trainer, built.plan
+    target, schedules = trainer.target, trainer.schedules
     step, bad_images = 0, 0
     if plan is not None:
         try:
-            state, rank_states = load_training_checkpoint(engine, plan)
+            step = trainer.resume(plan)
         except CheckpointError as e:
             log.error("cannot resume: %s", e)
             D.cleanup()
             return 2
-        step = trainer.load_client_state(state, rank_states)
         log.info("resumed at step %d (epoch %d, batch %d) from %s (%d processes)", step,
                  step // spe + 1, step % spe, plan.where, plan.saved_world_size)
     if D.is_main():  # only now: a refused resume leaves the folder as it was
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
                     "" if args.max_steps is None else " (--max-steps)")
     global_batch = cfg["criterion"]["batch_size"] * D.world_size() * ds_config[
         "gradient_accumulation_steps"]  # images per optimizer step
-    device = torch.device(engine.device)
+    device = torch.device(trainer.engine.device)
     configure_precision(device)
     monitor = Monitor(folder, total, global_batch, cfg["logging"]["log_every"],
                       tensorboard=cfg["logging"]["tensorboard"],
@@ -214,9 +213,7 @@ def main(argv=None) -> int:
 
     def save() -> None:
         nonlocal last_saved
-        path = save_training_checkpoint(engine, folder, step, trainer.client_state(step, dump(cfg)),
-                                        keep_last=cfg["logging"]["keep_last"],
-                                        rank_state=trainer.rank_state())
+        path = trainer.save(folder, step, dump(cfg), cfg["logging"]["keep_last"])
         log.info("saved checkpoint %s", path)
         last_saved = step
 

@@ -17,7 +17,8 @@ from . import distributed as D
 from .accumulate import accumulated_step
 from .ema import ShardedEMA
 from .engine import build_models, init_deepspeed, init_target
-from .io.checkpoint import ResumePlan, plan_resume
+from .io.checkpoint import (ResumePlan, load_training_checkpoint, plan_resume,
+                            save_training_checkpoint)
 from .loss import MSNLoss
 from .masking import mask_generator
 from .models import MSNModel
@@ -26,16 +27,23 @@ from .schedules import Schedules
 
 @dataclass
 class Training:
-    """What :func:`build` makes: the DeepSpeed engine (anchor encoder + prototypes), the
-    target encoder and its EMA, the schedules, the trainer that steps them, and the checked
-    resume plan (None for a fresh start; :func:`.io.checkpoint.load_training_checkpoint`
-    restores it into ``engine``)."""
-    engine: Any
-    target: torch.nn.Module
-    ema: Any
-    schedules: Schedules
+    """What :func:`build` makes: the trainer (which holds the engine, the target and its EMA,
+    and the schedules, and owns saving and resuming them) and the checked resume plan (None
+    for a fresh start; :meth:`MSNTrainer.resume` restores it)."""
     trainer: "MSNTrainer"
     plan: Optional[ResumePlan] = None
+
+    @property
+    def engine(self):
+        return self.trainer.engine
+
+    @property
+    def target(self) -> torch.nn.Module:
+        return self.trainer.target
+
+    @property
+    def schedules(self) -> Schedules:
+        return self.trainer.schedules
 
 
 def build(cfg: dict, ds_config: dict, steps_per_epoch: int,
@@ -54,7 +62,7 @@ def build(cfg: dict, ds_config: dict, steps_per_epoch: int,
     schedules = build_schedules(cfg, steps_per_epoch)
     trainer = MSNTrainer(engine, target, ema, build_criterion(cfg), schedules, **step_options(cfg),
                          accumulation=int(ds_config.get("gradient_accumulation_steps", 1)))
-    return Training(engine, target, ema, schedules, trainer, plan)
+    return Training(trainer, plan)
 
 
 def step_options(cfg: dict) -> dict[str, Any]:
@@ -285,6 +293,19 @@ class MSNTrainer:
     @property
     def sharded(self) -> bool:
         return isinstance(self.ema, ShardedEMA)
+
+    def save(self, folder: str, step: int, config_yaml: str, keep_last: int) -> str:
+        """Checkpoint ``global_step{step}`` in ``folder`` (every process; atomic:
+        :func:`.io.checkpoint.save_training_checkpoint`); returns its path."""
+        return save_training_checkpoint(self.engine, folder, step,
+                                        self.client_state(step, config_yaml),
+                                        keep_last=keep_last, rank_state=self.rank_state())
+
+    def resume(self, plan: ResumePlan) -> int:
+        """Restore the engine, the target and the RNG from ``plan``; returns the global step
+        to continue from. Raises :class:`.io.safe_load.CheckpointError`."""
+        state, rank_states = load_training_checkpoint(self.engine, plan)
+        return self.load_client_state(state, rank_states)
 
     def client_state(self, step: int, config_yaml: str) -> dict[str, Any]:
         """What a resume needs beside DeepSpeed's own state: position, RNG and the fp32

@@ -25,7 +25,6 @@ import torch
 from msn_ds import distributed as D
 from msn_ds.config import dump, load_config
 from msn_ds.deepspeed_config import resolve_ds_config
-from msn_ds.io.checkpoint import load_training_checkpoint, save_training_checkpoint
 from msn_ds.trainer import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +56,7 @@ def make(case: str, resume_from=None):
     built = build(cfg, ds, steps_per_epoch=100, resume_from=resume_from)
     step = 0
     if built.plan is not None:
-        state, rank_states = load_training_checkpoint(built.engine, built.plan)
-        step = built.trainer.load_client_state(state, rank_states)
+        step = built.trainer.resume(built.plan)
     return cfg, built, step
 
 
@@ -135,10 +133,8 @@ def train(case: str) -> dict:
         if D.world_size() > 1:
             torch.distributed.broadcast_object_list(box)
         folder = box[0]
-        tr = built.trainer
-        path = save_training_checkpoint(built.engine, folder, step,
-                                        tr.client_state(step, dump(cfg)), rank_state=tr.rank_state())
-        del built, tr
+        path = built.trainer.save(folder, step, dump(cfg), keep_last=3)
+        del built
         cfg, built, step = make(case, resume_from=path)
         out = built.trainer.step(views_for(cfg, step), step)
         losses.append(float(out.loss))

@@ -25,7 +25,13 @@ def run_cli(*args, timeout=600, env=None, check=True, expect=0, nproc=1, launche
     """``python ARGS`` in the repository root on the CPU (:data:`CPU_ENV` and ``env`` over
     the environment); asserts that it exits with ``expect`` unless ``check`` is False.
     ``nproc`` > 1 starts that many processes with ``torch.distributed.run``; ``launcher``
-    replaces ``python`` (or torchrun) by another command; ``umask`` is the child's."""
+    replaces ``python`` (or torchrun) by another command; ``umask`` is the child's.
+
+    Every test's child process starts here, except where the test must hold the child while
+    it runs (``subprocess.Popen``: signals, concurrent runs, a stage timing out), run it from
+    another folder (``test_config``: train.py from outside the repository; ``test_dali``: a
+    script importing a test module), or run no Python (``mount``, ``git``, the bash device
+    scripts with their own environment, the README's shell lines)."""
     if launcher is None:
         launcher = [sys.executable] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -6,13 +6,11 @@ non-finite skip; no host read per micro-batch; resume bit-identical, in-process 
 through train.py."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, cpu_env, run_cli
+from helpers import ROOT, run_cli
 from msn_ds.accumulate import join, micro_generator, split, unjoin
 from msn_ds.config import ConfigError, load_config
 from msn_ds.deepspeed_config import resolve_ds_config
@@ -120,11 +118,7 @@ def test_encoder_halves_compute_its_forward():
 
 
 def run_cases(out, *cases, nproc=1):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run([*launcher, "tests/dist_accumulation.py", str(out), *cases], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    run_cli("tests/dist_accumulation.py", out, *cases, nproc=nproc)
     return torch.load(out)
 
 
@@ -169,10 +163,8 @@ def test_no_host_read_per_micro_batch(tmp_path):
     """tests/spy_step.py at A=2: msn_ds's step reads nothing on the host outside logging
     steps, and DeepSpeed's reads per step are those of the single-pass step."""
     out = tmp_path / "spy.json"
-    r = subprocess.run([sys.executable, "tests/spy_step.py", str(out), "zero1_bf16_clip",
-                        "zero1_bf16_clip_a2", "zero0_fp32_clip_a2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_cli("tests/spy_step.py", out, "zero1_bf16_clip", "zero1_bf16_clip_a2",
+            "zero0_fp32_clip_a2")
     res = json.loads(out.read_text())
     for name, counts in res.items():
         assert counts["step_calls"] == {}, (name, counts)

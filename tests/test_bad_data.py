@@ -93,8 +93,7 @@ def test_check_dataset_reports_fifo_loops_and_duplicates(tmp_path):
     os.symlink("../b", root / "a" / "to_b")
     os.symlink("img000.png", root / "b" / "same.png")
     try:
-        out = subprocess.run([sys.executable, CHECK, str(root), "--workers", "1"],
-                             capture_output=True, text=True, timeout=120, env=cpu_env())
+        out = run_cli(CHECK, root, "--workers", 1, timeout=120, check=False)
     finally:
         unblock_fifo(root / "a" / "pipe.png")
     assert out.returncode == 1, out.stderr
@@ -172,9 +171,8 @@ def test_one_bad_file_in_nine_is_counted_once_over_three_epochs(tmp_path):
     """1 bad file in 9, data.max_bad_fraction 0.15 (1.35 files): passed over in every epoch
     (3 steps of 3 cover all 9 indices), but one file: the run finishes."""
     base, run = data_root(tmp_path, bad=1), tmp_path / "run"
-    r = subprocess.run(train_cmd(base, run, "optimization.epochs=3", "data.num_workers=1",
-                                 "data.max_bad_fraction=0.15"),
-                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
+    r = run_cli(*train_cmd(base, run, "optimization.epochs=3", "data.num_workers=1",
+                           "data.max_bad_fraction=0.15")[1:], check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = metrics(run)
     assert [m["step"] for m in rows] == list(range(1, 10))
@@ -186,9 +184,8 @@ def test_one_bad_file_in_nine_is_counted_once_over_three_epochs(tmp_path):
 @pytest.mark.slow
 def test_too_many_bad_files_save_and_stop_with_a_message(tmp_path):
     base, run = data_root(tmp_path, bad=2), tmp_path / "run"
-    r = subprocess.run(train_cmd(base, run, "optimization.epochs=3", "data.num_workers=0",
-                                 "data.max_bad_fraction=0.15"),
-                       capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=ROOT)
+    r = run_cli(*train_cmd(base, run, "optimization.epochs=3", "data.num_workers=0",
+                           "data.max_bad_fraction=0.15")[1:], check=False)
     assert "Traceback" not in r.stderr, r.stderr[-4000:]
     assert r.returncode == 2, r.stderr[-4000:]  # saved, then an error: no requeue resumes it
     assert ("data.max_bad_fraction=0.15 exceeded: 2 distinct unreadable images of 9"

@@ -52,7 +52,7 @@ def test_resume_is_bit_identical(demo_root, straight, tmp_path):
 
 def test_kill_during_save_keeps_previous_checkpoint(demo_root, straight, tmp_path):
     folder = str(tmp_path / "run")
-    r = run_cli("tests/train_with_faults.py", "kill-in-save", "4",
+    run_cli("tests/train_with_faults.py", "kill-in-save", "4",
                 *args(demo_root, folder, 6, "zero0_fp32.json", "logging.checkpoint_every_steps=2"),
                 expect=-signal.SIGKILL)
     with open(os.path.join(folder, "latest")) as f:

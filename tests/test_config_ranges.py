@@ -3,14 +3,12 @@
 sizes above a sanity ceiling need ``meta.allow_large: true``; a weights file's metadata
 cannot size a terabyte encoder either."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import ROOT, cpu_env
+from helpers import ROOT, run_cli
 from msn_ds.config import RANGES, SCHEMA, ConfigError, defaults, load_config
 from msn_ds.io.weights import read_weights
 
@@ -141,10 +139,8 @@ def test_train_py_refuses_nan_lr_before_any_work(tmp_path):
     0). Now train.py exits 2 at once, naming the key and the value, without a traceback and
     before DeepSpeed starts (no run folder is made)."""
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "train.py", "--config", DEMO, "--deepspeed_config",
-                        "ds_configs/zero0_fp32.json", f"logging.folder={run}",
-                        "optimization.lr=.nan"],
-                       cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    r = run_cli("train.py", "--config", DEMO, "--deepspeed_config", "ds_configs/zero0_fp32.json",
+                f"logging.folder={run}", "optimization.lr=.nan", timeout=300, check=False)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "optimization.lr must be a finite number in [0, 10], got nan" in r.stderr
     assert "Traceback" not in r.stderr and "DeepSpeed" not in r.stderr

@@ -25,6 +25,7 @@ from msn_ds.data import (IMAGENET_MEAN, IMAGENET_STD, GlobalBatchSampler, MultiC
 from msn_ds.data.loader import build_pretrain_loader, resolve_loader
 from msn_ds.data.replay import replay
 from msn_ds.data.transforms import view_transform
+from helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -337,9 +338,7 @@ def test_dali_decodes_odd_formats_like_pil(tmp_path):
 @pytest.mark.slow
 def test_check_dataset_script(tmp_path):
     bad = write_bad_folder(tmp_path / "train")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_dataset.py"),
-                          str(tmp_path / "train"), "--workers", "1"],
-                         capture_output=True, text=True)
+    out = run_cli("scripts/check_dataset.py", tmp_path / "train", "--workers", 1, check=False)
     assert out.returncode == 1, out.stderr
     listed = {os.path.basename(line.split("\t")[0]) for line in out.stdout.splitlines()
               if "\t" in line}
@@ -466,6 +465,7 @@ if __name__ == "__main__":
     next(it)  # a suspended epoch with batches in flight
     print(*loader._pool._processes, flush=True)
 """
+    # in tests/ (the script imports test_dali), not the repository root run_cli uses
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stderr

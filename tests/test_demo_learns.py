@@ -3,8 +3,6 @@ starts it) ends with sharp targets, k-NN accuracy that rose while it trained, an
 accuracy far above the same architecture at random initialisation."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from eval.logistic import run_fewshot
 from eval.subsets import make_subsets
 from msn_ds.io.weights import load_encoder
 from msn_ds.models import MSNEncoder
-from helpers import cpu_env
+from helpers import run_cli
 
 pytestmark = pytest.mark.slow  # launches processes
 
@@ -30,12 +28,10 @@ MARGIN = 12.0
 
 def test_demo_run_learns(demo_root, tmp_path):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo_cpu.yaml",
-                        "--deepspeed_config", "ds_configs/zero0_fp32.json",
-                        f"data.root_path={demo_root}", f"logging.folder={run}",
-                        "eval.knn_every_steps=124", "data.loader=torch"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=3600,
-                       env=cpu_env(OMP_NUM_THREADS="2"))
+    r = run_cli("train.py", "--config", "configs/demo_cpu.yaml", "--deepspeed_config",
+                "ds_configs/zero0_fp32.json", f"data.root_path={demo_root}",
+                f"logging.folder={run}", "eval.knn_every_steps=124", "data.loader=torch",
+                timeout=3600, env={"OMP_NUM_THREADS": "2"}, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [row["knn_top1"] for row in rows if "knn_top1" in row]

@@ -4,13 +4,11 @@ timer off in the resolved config, the ZeRO-3 EMA's fp32 slices looked up once, t
 trainer's own clipping at ZeRO-0 fp32, and fp32 BatchNorm statistics in bf16 runs."""
 import json
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, cpu_env
+from helpers import ROOT, run_cli
 from msn_ds.config import load_config
 from msn_ds.deepspeed_config import resolve_ds_config, trainer_clips
 from msn_ds.ema import ShardedEMA
@@ -158,9 +156,7 @@ def test_no_device_waits_between_logging_steps(tmp_path):
     BatchNorm running statistics stay fp32; at ZeRO-0 fp32 the trainer's clipping equals
     DeepSpeed's."""
     out = tmp_path / "spy.json"
-    r = subprocess.run([sys.executable, "tests/spy_step.py", str(out), *SPY, "clip_check"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_cli("tests/spy_step.py", out, *SPY, "clip_check", timeout=900)
     res = json.loads(out.read_text())
     assert sorted(res) == sorted(SPY + ["clip_check"])
     assert res.pop("clip_check")["max_abs_diff"] < 1e-6

@@ -6,13 +6,11 @@ value, ``.item()``, ``bool(t)``, ``bincount``..., raises), through a stand-in fo
 DeepSpeed engine (DeepSpeed cannot build on ``meta``). The real engines are spied on in
 tests/spy_step.py."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, cpu_env
+from helpers import ROOT, run_cli
 from msn_ds import distributed as D
 from msn_ds.config import load_config
 from msn_ds.ema import PlainEMA
@@ -160,10 +158,7 @@ def test_spy_counts_no_host_sync_outside_logging_steps(tmp_path):
     at logging steps; ``poll`` reads only the host copies. The spy itself is checked by the
     monitor's read at a logging step."""
     out = tmp_path / "spy.json"
-    r = subprocess.run([sys.executable, "tests/spy_step.py", str(out), "zero0_fp32_clip",
-                        "zero1_bf16_clip"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=cpu_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_cli("tests/spy_step.py", out, "zero0_fp32_clip", "zero1_bf16_clip")
     res = json.loads(out.read_text())
     for ds, counts in res.items():
         assert counts["step_calls"] == {}, (ds, counts)  # 5 steps, 1 of them a logging step
@@ -220,7 +215,5 @@ def test_cpu_accelerator_gives_gloo_in_a_real_process():
     code = ("from msn_ds import distributed as D; import torch.distributed as dist; "
             "D.setup_env(); D.init_process_group(); print(dist.get_backend(), D.step_device()); "
             "D.cleanup()")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=cpu_env())
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("-c", code, timeout=120)
     assert r.stdout.split()[-2:] == ["gloo", "cpu"]

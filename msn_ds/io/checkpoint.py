@@ -159,7 +159,7 @@ def find_checkpoint(path: str) -> tuple[str, str]:
             raise CheckpointError(  # another run's checkpoint, resumed as if it were ours
                 f"{pointer} = {tag!r} points outside {path}"
                 + (f" (it is a symbolic link to {os.readlink(pointer)})" if linked else "")
-                + f": refusing to resume another folder's checkpoint from it. Write the "
+                + ": refusing to resume another folder's checkpoint from it. Write the "
                 "name of a checkpoint of this folder (global_stepN) into it, or remove it.")
         if model_states_file(os.path.join(path, tag)):
             return path, tag
