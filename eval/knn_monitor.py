@@ -3,8 +3,11 @@
 A recipe that works shows k-NN top-1 rising within the first epochs; one that collapses
 shows it flat at chance long before the loss says so. The classifier is :mod:`eval.classify`'s
 (weighted votes of the ``k`` most cosine-similar train features, ``T = 0.07``); the
-features are the target encoder's class token after its final LayerNorm (the
-representation its head sees), at the evaluation transform (resize, centre crop).
+features are the target encoder's class token *before* its final LayerNorm, at the
+evaluation transform (resize, centre crop): the reference's protocol and ``eval.knn``'s
+default, so the monitor reports what ``python -m eval.knn`` reports on the same weights. The
+token is read by a hook on the final norm's input during the target's own forward, so the
+modules run in training's order (ZeRO-3's parameter trace stays valid).
 
 Every process extracts the features of its share of the images (``rank::world``) through
 the target's own ``forward``, so a ZeRO-3 target gathers its parameters as in training;
@@ -106,12 +109,18 @@ class KNNMonitor:
         world, rank = distributed.world_size(), distributed.rank()
         per_rank = math.ceil(len(dataset) / world)  # equal work: ZeRO-3 gathers in lockstep
         mine = [min(rank + world * j, len(dataset) - 1) for j in range(per_rank)]
-        feats = []
-        for i in range(0, per_rank, self.batch_size):
-            x, y = zip(*(self._item(dataset, offset, j) for j in mine[i:i + self.batch_size]))
-            h, _ = target(torch.stack(x).to(device=device, dtype=dtype), return_before_head=True)
-            feats.append(torch.cat([h.float(), torch.tensor(y, device=h.device,
-                                                            dtype=torch.float32)[:, None]], 1))
+        feats, seen = [], []
+        norm = getattr(target, "module", target).backbone.norm  # a ZeRO-3 target is an engine
+        hook = norm.register_forward_hook(lambda m, inp, out: seen.append(inp[0][:, 0]))
+        try:
+            for i in range(0, per_rank, self.batch_size):
+                x, y = zip(*(self._item(dataset, offset, j) for j in mine[i:i + self.batch_size]))
+                target(torch.stack(x).to(device=device, dtype=dtype))
+                h = seen.pop()  # the class token before the final LayerNorm
+                feats.append(torch.cat([h.float(), torch.tensor(y, device=h.device,
+                                                                dtype=torch.float32)[:, None]], 1))
+        finally:
+            hook.remove()
         local = torch.cat(feats)
         if world > 1:
             gathered = [torch.empty_like(local) for _ in range(world)]

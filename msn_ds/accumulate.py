@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from .loss import effective_rank
 from .masking import MASK_KEY, mask_generator
 from .seeding import seed_for
 
@@ -167,4 +168,5 @@ def accumulated_step(tr, views: list[torch.Tensor], step: int, log: bool,
         grad_norm = grad_norm if grad_norm is not None else tr._grad_norm_engine()
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
+        stats["rankme"] = effective_rank(target_h)
     return loss.detach(), stats, sched, 1.0 - finite

@@ -55,7 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         "me_max": ((bool,), True),
         "memax_weight": (_NUM, 1.0),
         "use_ent": ((bool,), False),
-        "ent_weight": (_NUM, 0.0),
+        "ent_weight": (_NUM, 1.0),  # the reference's default (used only with use_ent)
         "use_sinkhorn": ((bool,), True),
         "freeze_proto": ((bool,), False),
         "batch_size": ((int,), 64),

@@ -37,6 +37,20 @@ def sinkhorn(Q: torch.Tensor, num_iters: int = 3) -> torch.Tensor:
     return Q.t()
 
 
+def effective_rank(h: torch.Tensor) -> torch.Tensor:
+    """RankMe (Garrido et al. 2023): ``exp`` of the entropy of the normalised singular values
+    of the embeddings ``h`` [N, D] of the global batch (gathered over processes): about
+    ``min(N, D)`` for embeddings that use every direction, 1 when they have collapsed to
+    one. A log-interval statistic: the gather and the SVD are not free."""
+    if world_size() > 1:
+        parts = [torch.empty_like(h) for _ in range(world_size())]
+        torch.distributed.all_gather(parts, h.contiguous())
+        h = torch.cat(parts)
+    s = torch.linalg.svdvals(h.float())
+    p = s / s.sum() + 1e-7
+    return torch.exp(-(p * torch.log(p)).sum())
+
+
 def entropy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     return -(p * log_p).sum(dim=-1)
 
@@ -63,14 +77,15 @@ class MSNLoss(nn.Module):
 
     PRIORS = ("uniform", "power_law")
 
-    STATS = ("ce", "me_max", "ent", "np", "max_t")  # the keys of ``stats``, in that order
+    STATS = ("ce", "me_max", "ent", "np", "max_t", "target_ent")  # ``stats``' keys, in order
 
     @staticmethod
     def describe(stats: dict[str, float]) -> str:
         """The progress line's part for ``stats`` averaged to floats (a missing one reads 0)."""
         s = {k: stats.get(k, 0) for k in MSNLoss.STATS}
         return (f"(ce {s['ce']:.4f} me_max {s['me_max']:.4f} ent {s['ent']:.4f}) "
-                f"np {round(s['np']):d} max_t {s['max_t']:.3f}")
+                f"np {round(s['np']):d} max_t {s['max_t']:.3f} H(t) {s['target_ent']:.2f}"
+                + (f" rank {stats['rankme']:.1f}" if "rankme" in stats else ""))
 
     def __init__(self, temperature: float = 0.1, me_max_weight: float = 1.0,
                  entropy_weight: float = 0.0, use_sinkhorn: bool = True,
@@ -158,13 +173,20 @@ class MSNLoss(nn.Module):
 
         with torch.no_grad():
             # index_add_, not bincount: bincount sizes its output from the data (a host sync)
-            hits = torch.zeros(prototypes.shape[0], dtype=targets.dtype, device=targets.device)
-            hits.index_add_(0, targets.argmax(dim=1), torch.ones_like(targets[:, 0]))
+            k = prototypes.shape[0]
+            usage = torch.zeros(2, k, dtype=targets.dtype, device=targets.device)
+            usage[0].index_add_(0, targets.argmax(dim=1), torch.ones_like(targets[:, 0]))
+            usage[1] = targets.sum(dim=0)
+            usage = all_reduce_sum_(usage)  # [argmax hits, summed targets] of the global batch
+            mean_t = usage[1] / usage[1].sum()
             stats = {
                 "ce": ce.detach(),
                 "me_max": me_max.detach(),
                 "ent": ent.detach(),
-                "np": (all_reduce_sum_(hits) > 0).sum().float(),
+                "np": (usage[0] > 0).sum().float(),
                 "max_t": targets.max(dim=1).values.mean(),
+                # entropy of the mean target over the global batch: log K when every
+                # prototype is used alike, 0 when all images share one (collapse)
+                "target_ent": entropy(mean_t, torch.log(mean_t.clamp_min(1e-30))),
             }
         return loss, stats

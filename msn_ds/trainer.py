@@ -19,7 +19,7 @@ from .ema import ShardedEMA
 from .engine import build_models, init_deepspeed, init_target
 from .io.checkpoint import (ResumePlan, load_training_checkpoint, plan_resume,
                             save_training_checkpoint)
-from .loss import MSNLoss
+from .loss import MSNLoss, effective_rank
 from .masking import mask_generator
 from .models import MSNModel
 from .schedules import Schedules
@@ -207,8 +207,9 @@ class MSNTrainer:
         views = [v.to(self.device, non_blocking=True) for v in views]
         norm_stats = [b.clone() for b in self.norm_stats]
 
-        with torch.no_grad():
-            target_z = self.target(views[0].to(self.target_dtype))
+        with torch.no_grad():  # at log steps also the head's input, for the effective rank
+            target_z = self.target(views[0].to(self.target_dtype), return_before_head=log)
+            target_h, target_z = target_z if log else (None, target_z)
         anchor_z, prototypes = self.engine([v.to(self.dtype) for v in views[1:]],
                                            masked_views=self.masked_views,
                                            mask_ratio=self.mask_ratio,
@@ -241,6 +242,7 @@ class MSNTrainer:
             grad_norm = grad_norm if grad_norm is not None else self._grad_norm_engine()
             if grad_norm is not None:
                 stats["grad_norm"] = grad_norm
+            stats["rankme"] = effective_rank(target_h)
         return StepOutput(loss.detach(), stats, sched, skipped=1.0 - finite)
 
     def _agree(self, loss: torch.Tensor, stop: int) -> torch.Tensor:

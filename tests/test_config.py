@@ -98,3 +98,15 @@ def test_train_py_fails_before_work(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2
     assert "unknown key meta.bogus" in r.stderr and "c.yaml" in r.stderr
+
+
+def test_reference_yaml_without_ent_weight_trains_with_weight_1(tmp_path):
+    """The reference reads ``ent_weight`` with default 1: a YAML that turns ``use_ent`` on and
+    omits the weight trains with entropy weight 1 (and ``use_ent: false`` with 0)."""
+    from msn_ds.trainer import build_criterion
+
+    for use_ent, want in ((True, 1.0), (False, 0.0)):
+        path = tmp_path / f"ent_{use_ent}.yaml"
+        path.write_text(f"criterion:\n  use_ent: {str(use_ent).lower()}\n")
+        cfg = load_config(str(path), check_paths=False)
+        assert build_criterion(cfg).entropy_weight == want

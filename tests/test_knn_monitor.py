@@ -44,8 +44,8 @@ def test_monitor_is_eval_knn_on_the_targets_features(demo_root, tmp_path):
     t = eval_transform(32, 32)
     train_ds = eval_folder(os.path.join(root, "train"), t, subset)
     val_ds = eval_folder(os.path.join(root, "val"), t)
-    tx, ty = extract_features(enc, train_ds, before_norm=False)
-    vx, vy = extract_features(enc, val_ds, before_norm=False)
+    tx, ty = extract_features(enc, train_ds)  # eval.knn's default: before the final norm
+    vx, vy = extract_features(enc, val_ds)
     want = knn_accuracy(tx, ty, vx, vy, k=5, num_classes=10)
     assert got["knn_top1"] == pytest.approx(want["top1"], abs=1e-9)
     assert got["knn_top5"] == pytest.approx(want["top5"], abs=1e-9)

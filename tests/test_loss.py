@@ -165,3 +165,24 @@ def test_sharpen():
 def test_bad_shapes():
     with pytest.raises(ValueError, match="multiple of target rows"):
         MSNLoss()(torch.randn(5, 4), torch.randn(2, 4), torch.randn(3, 4))
+
+
+def test_effective_rank_and_target_entropy():
+    """RankMe: exp of the entropy of the normalised singular values (1 for embeddings on one
+    line, D for D orthogonal directions of equal weight); the mean target's entropy is log K
+    when every prototype is used alike."""
+    from msn_ds.loss import effective_rank
+
+    g = torch.Generator().manual_seed(0)
+    line = torch.randn(64, 1, generator=g) * torch.randn(1, 16, generator=g)
+    assert effective_rank(line).item() == pytest.approx(1.0, abs=1e-3)
+    q, _ = torch.linalg.qr(torch.randn(64, 16, generator=g, dtype=torch.float64))
+    assert effective_rank(q).item() == pytest.approx(16.0, rel=1e-5)
+    s = torch.tensor([3.0, 1.0])  # by hand: p = (3/4, 1/4)
+    h = torch.diag(s)
+    want = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert effective_rank(h).item() == pytest.approx(want, rel=1e-5)
+    crit = MSNLoss(temperature=0.1)
+    protos = torch.eye(8)
+    _, stats = crit(protos.repeat(2, 1), protos, protos, 0.25)  # each image its own prototype
+    assert stats["target_ent"].item() == pytest.approx(math.log(8), rel=1e-4)

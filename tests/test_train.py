@@ -1,6 +1,7 @@
 """End-to-end train.py runs on the bundled demo data: one process, two processes
 (torchrun, gloo), bf16, and the reference's own ViT-S/16 config."""
 import json
+import math
 import os
 import sys
 
@@ -110,4 +111,7 @@ def test_flat_unlabelled_folder_trains(tmp_path):
     folder = str(tmp_path / "run")
     r = run_cli("train.py", *args(str(tmp_path), folder, 2), "data.image_folder=flat")
     assert "32 images (sub-folders included) as one unlabelled set" in r.stderr
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    assert all(1.0 <= row["rankme"] <= 8 for row in rows)  # log_every=1; batch 8: rank <= 8
+    assert all(0.0 <= row["target_ent"] <= math.log(64) + 1e-6 for row in rows)
     assert os.path.isfile(os.path.join(folder, "demo-target.safetensors"))

@@ -130,7 +130,8 @@ class Monitor:
                      f" | knn {self.last_eval['knn_top1']:.1f}%" if self.last_eval else "")
             if self.writer is not None:
                 for k, v in scalars.items():
-                    group = ("train" if k in ("loss", *MSNLoss.STATS, "grad_norm", "skipped") else
+                    group = ("train" if k in ("loss", *MSNLoss.STATS, "grad_norm", "skipped",
+                                              "rankme") else
                              "hparams" if k in hparams else
                              "data" if k in ("bad_images", "data_wait_frac") else "perf")
                     self.writer.add_scalar(f"{group}/{k}", v, step)
