@@ -23,13 +23,28 @@ the global RNG (drop path) its state is put back before the second forward.
 DeepSpeed sees ``A + 1`` backward calls and one ``engine.step()`` per optimizer step: every
 backward but the last runs with ``set_gradient_accumulation_boundary(False)``, so ZeRO-0/1
 reduce once, at the last; ``scale_wrt_gas=False``, as the cached gradient already is the
-whole batch's (ZeRO-2 reduce-scatters during each backward, as under DeepSpeed's own
-accumulation). ``A = 1`` never comes here: :meth:`.trainer.MSNTrainer.step` is unchanged.
-With ``A > 1``, ZeRO-3, fp16, ZeRO-Offload and ``meta.compile`` are refused before any work
+whole batch's (ZeRO-2 and ZeRO-3 reduce-scatter during each backward, as under DeepSpeed's
+own accumulation). Under ZeRO-3 two things differ: phase 3's first backward restarts
+ZeRO-3's accumulation window (:func:`first_backbone_backward`), and phase 1 gathers the
+target backbone's own parameters around its passes (:func:`whole_backbone_params`).
+``A = 1`` never comes here: :meth:`.trainer.MSNTrainer.step` is unchanged. With ``A > 1``,
+fp16, ZeRO-Offload and ``meta.compile`` are refused before any work
 (:func:`.deepspeed_config.refuse_accumulation`).
+
+A cost left to DeepSpeed under ZeRO-3: its parameter coordinator records the order in which
+modules fetch their parameters between two forwards of the engine's module, and prefetches
+along it while the next pass repeats it. The passes here differ (backbone without autograd,
+heads with their backward, backbone with its backward), so at each change of kind it
+records again, and every new record is checked across processes
+(``partitioned_param_coordinator.py``, ``reset_step`` -> ``assert_ints_same_as_other_ranks``:
+broadcasts read on the host). That is a fixed number per step whatever ``A`` (8 host
+reads on the CPU at ``A`` = 2 and 4), not one per micro-batch; the passes right after a
+change fetch without prefetching, and the target's passes (called outside its engine's
+forward) always do.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -66,6 +81,44 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+def whole_backbone_params(target):
+    """Under ZeRO-3, the target backbone's own parameters (the class token and the position
+    embedding) gathered for phase 1, which calls the target's halves outside its engine's
+    forward: the engine gathers the parameters a module reads without calling it (ZeRO-3's
+    "external parameters") only inside ``engine.forward``, and the target engine partitions
+    every parameter (``stage3_param_persistence_threshold: 0``, :func:`.engine.init_target`).
+    Every submodule the halves call gathers its own around its forward, as ever. Elsewhere
+    (ZeRO-0/1/2) a no-op."""
+    backbone = getattr(target, "module", target).backbone
+    own = [p for p in backbone.parameters(recurse=False) if hasattr(p, "ds_id")]
+    if not own:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(own)
+
+
+def first_backbone_backward(engine) -> None:
+    """Before phase 3's first backward: under ZeRO-3 it writes the backbone's gradient
+    partitions afresh. ZeRO-3 overwrites a parameter's gradient partition in the first
+    backward of an accumulation window (``micro_step_id == 0``) and adds to it in the later
+    ones (``stage3.py``, ``partition_grads``); the counter is raised at each forward that
+    follows a backward. The first backward here (phase 2) reaches only the heads and the
+    prototypes, so without this the backbone's gradients would be added to the previous
+    step's. Phase 2 and phase 3 reach disjoint parameters (phase 2 starts from the cached
+    outputs, detached; phase 3 ends at them), so each parameter is overwritten once, at its
+    first gradient of the step, and accumulated after, as in one large step. ZeRO-0/1/2
+    start each step from cleared gradients: nothing to do."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    opt = engine.optimizer
+    if not hasattr(opt, "micro_step_id"):  # a DeepSpeed that keeps the window elsewhere
+        raise RuntimeError("gradient accumulation under ZeRO-3 needs DeepSpeed's "
+                           "DeepSpeedZeroOptimizer_Stage3.micro_step_id (DeepSpeed 0.19); "
+                           f"{type(opt).__name__} has none")
+    opt.micro_step_id = 0
 
 
 def split(views: list[torch.Tensor], parts: int) -> tuple[list[list[torch.Tensor]], int]:
@@ -114,8 +167,9 @@ def accumulated_step(tr, views: list[torch.Tensor], step: int, log: bool,
     # phase 1: no autograd through the encoders
     states: list[Optional[tuple]] = []
     with torch.no_grad():
-        target_h = torch.cat([tr.target.forward_features(m[0].to(tr.target_dtype))
-                              for m in micro])
+        with whole_backbone_params(tr.target):
+            target_h = torch.cat([tr.target.forward_features(m[0].to(tr.target_dtype))
+                                  for m in micro])
         target_z = tr.target.head(target_h)
         cached = []
         for k in range(parts):
@@ -146,6 +200,8 @@ def accumulated_step(tr, views: list[torch.Tensor], step: int, log: bool,
                 set_rng_state(states[k], tr.device)
             engine.set_gradient_accumulation_boundary(k == parts - 1)
             feats = anchor_features(k)
+            if k == 0:
+                first_backbone_backward(engine)
             surrogate = sum((h.float() * g[k].float()).sum() for h, g in zip(feats, grads))
             engine.backward(surrogate, scale_wrt_gas=False)
         if replay:

@@ -46,6 +46,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple, Any]]] = {
         # sizes above their sanity ceiling (RANGES: hidden_dim, num_proto, ...) are refused
         # unless this is true: a typo such as hidden_dim=1000000 would ask for terabytes
         "allow_large": ((bool,), False),
+        # the target (EMA) encoder's forward: "model" computes in the engine's dtype (bf16
+        # under a bf16 DeepSpeed config), "fp32" in fp32 from fp32 weights (TARGET_DTYPES)
+        "target_dtype": ((str,), "model"),
     },
     "criterion": {
         "num_proto": ((int,), 1024),
@@ -235,6 +238,7 @@ TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 LOADERS = ("auto", "dali", "torch")
 PRIORS = ("uniform", "power_law")  # criterion.prior (msn_ds.loss.MSNLoss.PRIORS)
 COMPILE_BACKENDS = ("", "inductor", "aot_eager")
+TARGET_DTYPES = ("model", "fp32")  # meta.target_dtype (msn_ds.engine.init_target)
 
 
 class ConfigError(ValueError):
@@ -407,6 +411,9 @@ def validate(cfg: dict, source: str = "<config>", check_paths: bool = True) -> N
     if cfg["criterion"]["prior"] not in PRIORS:
         fail("criterion.prior", f"must be one of {', '.join(PRIORS)}, got "
              f"{cfg['criterion']['prior']!r}")
+    if cfg["meta"]["target_dtype"] not in TARGET_DTYPES:
+        fail("meta.target_dtype", f"must be one of {', '.join(TARGET_DTYPES)}, got "
+             f"{cfg['meta']['target_dtype']!r}")
     if cfg["data"]["loader"] not in LOADERS:
         fail("data.loader", f"must be one of {', '.join(LOADERS)}, got {cfg['data']['loader']!r}")
     if cfg["data"]["shards"] is not None:

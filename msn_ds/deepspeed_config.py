@@ -129,11 +129,7 @@ def refuse_accumulation(ds: dict, cfg: dict, accum: int, source: str) -> None:
     """What the gradient cache does not cover yet, refused before any work."""
     why = None
     zero = ds.get("zero_optimization", {})
-    if zero_stage(ds) == 3:
-        why = ("ZeRO-3 (not covered yet: its target encoder is a DeepSpeed engine of its "
-               "own, and ZeRO-3 resets its gradient partitions at a step's first backward, "
-               "which here reaches the head alone); use ZeRO-1/2")
-    elif _enabled(ds, "fp16"):
+    if _enabled(ds, "fp16"):
         why = "fp16 (the cached gradient would be loss-scaled twice); use bf16"
     elif any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
              for k in ("offload_optimizer", "offload_param")):

@@ -6,9 +6,10 @@ Three placements, one rule (the target follows the fp32 master weights, whatever
   target is an fp32 copy updated in place from them.
 * :class:`PartitionedEMA`: ZeRO-0 in bf16/fp16 and ZeRO-1/2. The optimiser keeps the fp32
   masters flat (partitioned across processes at ZeRO-1/2); each process keeps the fp32 EMA of
-  its own partition, writes it into the target (which computes in the engine's dtype) and
-  the target's partitions are all-gathered: the same traffic as the stage's own weight
-  all-gather, and no full fp32 copy.
+  its own partition, writes it into the target (which computes in the engine's dtype, or
+  in fp32 with ``meta.target_dtype: fp32``) and the target's partitions are all-gathered:
+  the same traffic as the stage's own weight all-gather (twice it for an fp32 target), and
+  no full fp32 copy beside the target.
 * :class:`ShardedEMA`: ZeRO-3. The target is a second partitioned engine; the EMA runs on
   the fp32 slices and the engine gathers on use.
 
@@ -97,6 +98,7 @@ class _FlatGroup:
     parts: Optional[list[torch.Tensor]]  # every process's view of ``flat`` (None: whole)
     rank: int
     group: Optional[object]
+    shared: bool = False  # ``ema`` is ``local`` itself (an fp32 target): nothing to copy
 
     @property
     def local(self) -> torch.Tensor:
@@ -134,16 +136,20 @@ def _optimizer_layout(opt) -> list[tuple[list[torch.Tensor], torch.Tensor, torch
 class PartitionedEMA:
     """The target update at ZeRO-0 (bf16/fp16) and ZeRO-1/2, from the fp32 masters.
 
-    The target computes in the engine's dtype. Its trained parameters become views of flat
-    buffers laid out exactly like the optimiser's, so this process's fp32 EMA partition maps
-    onto one contiguous slice; after the update each process writes its slice and one
-    all-gather per group makes the target whole again. Parameters the optimiser does not
-    hold (frozen ones) keep their initial values, as they would under an EMA.
+    The target computes in its own parameters' dtype: the engine's (bf16/fp16), or fp32
+    (``meta.target_dtype: fp32``). Its trained parameters become views of flat buffers in
+    that dtype laid out exactly like the optimiser's, so this process's fp32 EMA partition
+    maps onto one contiguous slice; after the update each process writes its slice and one
+    all-gather per group makes the target whole again. An fp32 target's slice *is* the EMA
+    partition (no second copy) when it lives on the masters' device. Parameters the
+    optimiser does not hold (frozen ones) keep their initial values, as they would under an
+    EMA.
     """
 
     def __init__(self, target: nn.Module, anchor: nn.Module, optimizer):
         self.module = target
         self.names = [n for n, _ in target.named_parameters()]
+        dtype = next(target.parameters()).dtype
         by_anchor = {id(a): (n, t) for a, (n, t) in zip(anchor.parameters(),
                                                          target.named_parameters())}
         if len(by_anchor) != len(self.names):
@@ -154,7 +160,7 @@ class PartitionedEMA:
             mine = [p for p in params if id(p) in by_anchor]
             if not mine:
                 continue  # e.g. the prototypes' group
-            tflat = torch.zeros_like(flat)
+            tflat = torch.zeros(flat.numel(), dtype=dtype, device=flat.device)
             for p in mine:
                 offset = _offset(p, flat)
                 name, t = by_anchor[id(p)]
@@ -162,8 +168,13 @@ class PartitionedEMA:
                 self.where[name] = (len(self.groups), offset)
             tparts = None if parts is None else [
                 tflat.narrow(0, _offset(q, flat), q.numel()) for q in parts]
-            self.groups.append(_FlatGroup(master=master, ema=master.detach().float().clone(),
-                                          flat=tflat, parts=tparts, rank=rank, group=pg))
+            local = tflat if tparts is None else tparts[rank]
+            shared = (dtype == torch.float32 and master.device == tflat.device
+                      and master.numel() == local.numel())
+            ema = local.view_as(master).copy_(master.detach()) if shared else \
+                master.detach().float().clone()
+            self.groups.append(_FlatGroup(master=master, ema=ema, flat=tflat, parts=tparts,
+                                          rank=rank, group=pg, shared=shared))
         self._write_and_gather()
 
     @torch.no_grad()
@@ -175,7 +186,8 @@ class PartitionedEMA:
     @torch.no_grad()
     def _write_and_gather(self) -> None:
         for g in self.groups:
-            g.local.copy_(g.ema.view_as(g.local))
+            if not g.shared:
+                g.local.copy_(g.ema.view_as(g.local))
             if g.parts is not None and len(g.parts) > 1:
                 _all_gather_into(g.flat, g.parts, g.rank, g.group)
 

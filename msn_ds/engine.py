@@ -193,28 +193,37 @@ def param_groups(model: MSNModel) -> list[dict[str, Any]]:
     return groups
 
 
-def init_target(target: nn.Module, engine, ds_config: dict):
-    """The target encoder and its EMA, computing in the engine's dtype at every stage and
-    following the fp32 master weights (see :mod:`.ema`).
+def init_target(target: nn.Module, engine, ds_config: dict, target_dtype: str = "model"):
+    """The target encoder and its EMA, following the fp32 master weights (see :mod:`.ema`)
+    and computing in the engine's dtype at every stage (``target_dtype="model"``), or in
+    fp32 from fp32 weights (``"fp32"``, ``meta.target_dtype``; the same as "model" under an
+    fp32 engine).
 
     Under ZeRO-3 the target becomes a second engine partitioned exactly like the anchor (no
-    optimiser; persistence threshold 0 so that every parameter is sliced). Its
-    ``overlap_comm`` is forced off: the EMA writes its slices on the compute stream, and an
-    all-gather on DeepSpeed's side stream could read them before the writes land."""
+    optimiser; persistence threshold 0 so that every parameter is sliced; without the
+    JSON's bf16/fp16 section for an fp32 target). Its ``overlap_comm`` is forced off: the
+    EMA writes its slices on the compute stream, and an all-gather on DeepSpeed's side
+    stream could read them before the writes land."""
+    if target_dtype not in ("model", "fp32"):
+        raise ValueError(f"target_dtype must be 'model' or 'fp32', got {target_dtype!r}")
     if zero_stage(ds_config) == 3:
         import deepspeed
 
         cfg = copy.deepcopy(ds_config)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         cfg["zero_optimization"]["overlap_comm"] = False
+        if target_dtype == "fp32":
+            for key in ("bf16", "bfloat16", "fp16"):
+                cfg.pop(key, None)
         target_engine, *_ = deepspeed.initialize(model=target, config=cfg)
         return target_engine, ShardedEMA(target_engine.module, engine.module.encoder)
     dtype = next(engine.module.parameters()).dtype
     target.to(engine.device)
     if dtype == torch.float32:
         return target, PlainEMA(target, engine.module.encoder)
-    target.to(dtype)
-    norm_stats_fp32_(target)
+    if target_dtype == "model":
+        target.to(dtype)
+        norm_stats_fp32_(target)
     return target, PartitionedEMA(target, engine.module.encoder, engine.optimizer)
 
 

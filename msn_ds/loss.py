@@ -72,12 +72,16 @@ class MSNLoss(nn.Module):
     ``p_bar`` (me-max) and the Sinkhorn sums are global across processes. ``stats`` holds
     detached tensors: ``ce``, ``me_max`` (the regulariser ``R``, whichever prior), ``ent``
     (this process's values; ``me_max`` is global), ``np`` (distinct target argmaxes over the
-    global batch), ``max_t`` (mean of the largest target probability, this process).
+    global batch), ``max_t`` (mean of the largest target probability, this process), and
+    the vector ``proto_hits`` ``[K]``: how many images of the global batch have each
+    prototype as their target's argmax (``np`` counts its non-zero entries; the monitor sums
+    it over the log interval into TensorBoard's ``train/prototype_usage`` histogram).
     """
 
     PRIORS = ("uniform", "power_law")
 
     STATS = ("ce", "me_max", "ent", "np", "max_t", "target_ent")  # ``stats``' keys, in order
+    VECTORS = ("proto_hits",)  # then these: one value per prototype, not scalars
 
     @staticmethod
     def describe(stats: dict[str, float]) -> str:
@@ -188,5 +192,6 @@ class MSNLoss(nn.Module):
                 # entropy of the mean target over the global batch: log K when every
                 # prototype is used alike, 0 when all images share one (collapse)
                 "target_ent": entropy(mean_t, torch.log(mean_t.clamp_min(1e-30))),
+                "proto_hits": usage[0],
             }
         return loss, stats

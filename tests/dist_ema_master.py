@@ -2,7 +2,11 @@
 train a few bf16 steps through msn_ds's own engine and target builders, and compare the
 target's EMA with a float64 EMA of the anchor's fp32 master weights.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_ema_master.py STAGE OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_ema_master.py STAGE OUT [DTYPE]
+
+``DTYPE``: the target's, as ``meta.target_dtype``: ``model`` (the default: the target computes
+in bf16) or ``fp32``. The target's output on a fixed batch is compared with an fp32 and a
+bf16 encoder holding the same fp32 EMA, and so are the sharpened targets it gives the loss.
 """
 import json
 import os
@@ -57,8 +61,40 @@ def fp32_masters(engine):
     return lambda p: pairs[id(p)]
 
 
+@torch.no_grad()
+def compare_outputs(target, state) -> dict:
+    """The target's head output on a fixed batch against an fp32 and a bf16 encoder holding
+    the same fp32 EMA (``state``), and the sharpened targets the loss makes from them
+    (prototypes fixed at random). Collective under ZeRO-3 (the target engine gathers)."""
+    from msn_ds.loss import MSNLoss, sharpen_log
+
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    work = next(target.parameters()).dtype
+    z = target(x.to(work)).float()
+    ref = MSNEncoder("vit_pico_4", img_size=16, hidden_dim=64, output_dim=32)
+    ref.load_state_dict(state)
+    ref.train(target.training)
+    z32 = ref(x)
+    z16 = ref.bfloat16()(x.bfloat16()).float()
+    protos = torch.randn(16, 32, generator=torch.Generator().manual_seed(8))
+    crit = MSNLoss()
+
+    def targets(v):
+        return sharpen_log(crit.soft_nn(v, protos)[1], 0.25)
+
+    t, t32, t16 = targets(z), targets(z32), targets(z16)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    return {"out_dtype": str(target(x.to(work)).dtype), "out_rel_fp32": rel(z, z32),
+            "out_rel_bf16": rel(z, z16), "bf16_rel_fp32": rel(z16, z32),
+            "targets_rel_fp32": rel(t, t32), "targets_rel_bf16": rel(t, t16)}
+
+
 def main():
     stage, out = int(sys.argv[1]), sys.argv[2]
+    target_dtype = sys.argv[3] if len(sys.argv) > 3 else "model"
     D.setup_env()
     D.init_process_group()
     rank = dist.get_rank()
@@ -71,7 +107,7 @@ def main():
                  "bf16": {"enabled": True}, "gradient_clipping": 3.0,
                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     engine = init_deepspeed(model, ds_config)
-    target, ema = init_target(target, engine, ds_config)
+    target, ema = init_target(target, engine, ds_config, target_dtype)
     anchor = engine.module.encoder
     for g in engine.optimizer.param_groups:
         g["lr"] = 1e-2
@@ -113,15 +149,21 @@ def main():
     names = [n for n, _ in anchor.named_parameters()]
     for name, r in zip(names, reference):
         worst = max(worst, (state[name].double() - r).abs().max().item())
-    # the target computes in bf16 with the EMA rounded once, and everywhere the same
-    rounding = 0.0 if module_params is None else max(
-        (module_params[n].float() - state[n].bfloat16().float()).abs().max().item() for n in names)
+    # the target computes in its dtype with the EMA rounded once (bf16) or exact (fp32), and
+    # everywhere the same
     dtypes = sorted({str(p.dtype) for p in target.parameters()} if stage != 3 else
                     {str(p.ds_tensor.dtype) for p in target.parameters()})
+    if module_params is None:  # ZeRO-3: the working slices against the fp32 EMA slices
+        rounding = max((p.ds_tensor.float() - s.to(p.ds_tensor.dtype).float()).abs().max().item()
+                       for p, s in zip(target.parameters(), ema.slices))
+    else:
+        rounding = max((module_params[n].float() - state[n].to(module_params[n].dtype).float())
+                       .abs().max().item() for n in names)
+    outputs = compare_outputs(target, state)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"worst": worst, "rounding": rounding, "per_update": per_update,
                    "dtypes": dtypes, "ema": type(ema).__name__,
-                   "optimizer": type(engine.optimizer).__name__,
+                   "optimizer": type(engine.optimizer).__name__, **outputs,
                    "target_overlap_comm": getattr(getattr(target, "_config", None),
                                                   "zero_config", None) and
                    target._config.zero_config.overlap_comm}, f)

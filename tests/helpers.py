@@ -64,3 +64,47 @@ def write_folder(root: Path, counts: dict, size: int = 16, seed: int = 0) -> Non
         for i in range(n):
             Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
                 root / cls / f"img{i:03d}.png")
+
+
+def write_shards(folder, out_dir, shard_size: int = 4) -> str:
+    """The ImageFolder ``folder`` as standard WebDataset tar shards, written with Python's
+    ``tarfile`` in the folder's sorted order (``<out_dir>/train-000000.tar``, ...,
+    ``shard_size`` samples each, sample ``i`` as ``%09d.<ext>`` + ``%09d.cls``); returns the
+    ``data.shards`` brace pattern naming them. Read back, they give the folder's batches
+    bit for bit (tests/test_shards.py), so a test can run on either and compare."""
+    from msn_ds.data.shards import write_shards as write
+    from msn_ds.data.source import FolderSource
+
+    return write(FolderSource(str(folder)), str(out_dir), shard_size)
+
+
+def shard_key_to_path(folder, pattern) -> dict:
+    """``shard.tar:key`` (how a shard sample is named in messages and unreadable lists) ->
+    the folder's file it was written from by :func:`write_shards`."""
+    from msn_ds.data.shards import ShardSource
+    from msn_ds.data.source import FolderSource
+
+    shards, files = ShardSource(pattern), FolderSource(str(folder))
+    assert len(shards) == len(files)
+    return {shards.key(i): files.key(i) for i in range(len(files))}
+
+
+def source_args(source: str, pattern: str) -> list:
+    """train.py overrides for a test parametrized over where the images come from:
+    "folder" as configured, or "shards": the shards ``pattern`` (written from that folder by
+    :func:`write_shards`), with the folder out of reach."""
+    assert source in ("folder", "shards"), source
+    return [] if source == "folder" else [f"data.shards={pattern}",
+                                          "data.root_path=/nonexistent-folder"]
+
+
+def loader_source(source: str, folder, out_dir, shard_size: int = 4):
+    """For an in-process loader test parametrized over "folder" / "shards": ``(overrides of
+    the data config section, path_of)``; with "shards", the folder is written as shards
+    (:func:`write_shards`, in ``out_dir``) and ``data.shards`` names them. ``path_of(key)``:
+    the folder file behind a sample's key (``ds.samples``, unreadable lists)."""
+    assert source in ("folder", "shards"), source
+    if source == "folder":
+        return {}, str
+    pattern = write_shards(folder, out_dir, shard_size)
+    return {"shards": pattern}, shard_key_to_path(folder, pattern).__getitem__

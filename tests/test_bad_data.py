@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT, cpu_env, run_cli, write_folder
+from helpers import (ROOT, cpu_env, loader_source, run_cli, source_args, write_folder,
+                     write_shards)
 from msn_ds.config import defaults
 from msn_ds.data.dataset import MultiViewImageFolder, eval_folder, list_images, load_rgb
 from msn_ds.data.loader import build_pretrain_loader, count_unreadable
@@ -112,24 +114,38 @@ def loader_data(**kw):
                 color_jitter_strength=0.0, **kw)
 
 
-def test_bad_file_read_once_then_remembered_by_the_workers(tmp_path):
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_bad_file_read_once_then_remembered_by_the_workers(tmp_path, source):
     """Two real loader workers: the bad file is found by a worker, known to the training
     process, and not read again: made readable after the first pass, it is still skipped,
-    and every batch (views, labels, skip counts) is the first pass's, bit for bit."""
+    and every batch (views, labels, skip counts) is the first pass's, bit for bit. Also
+    from tar shards written from the folder (data.shards; the sample made readable in its
+    shard, in place)."""
     root = tmp_path / "train"
     write_folder(root, {"a": 5, "b": 4})
     bad = root / "a" / "img002.png"
-    bad.write_bytes(b"not a png")
-    ds, sampler, it = build_pretrain_loader(loader_data(num_workers=2), str(root), 3, 0,
-                                            loader="torch")
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png" + good[9:])  # the PNG signature broken, the length kept
+    shards, path_of = loader_source(source, root, tmp_path / "shards")
+    ds, sampler, it = build_pretrain_loader(loader_data(num_workers=2, **shards), str(root), 3,
+                                            0, loader="torch")
+    name = next(key for key, _ in ds.samples if path_of(key) == str(bad))
 
     def epoch():
         sampler.set_epoch(0)
         return [([v.clone() for v in views], labels, skipped) for views, labels, skipped in it]
     first = epoch()
     assert sum(s for _, _, s in first) == 1
-    assert ds.unreadable() == [str(bad)] and count_unreadable(ds, it) == 1
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bad, format="PNG")  # readable now
+    assert ds.unreadable() == [name] and count_unreadable(ds, it) == 1
+    if source == "folder":
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bad, format="PNG")  # readable now
+    else:
+        shard, key = name.rsplit(":", 1)
+        with tarfile.open(shard) as tf:
+            offset = tf.getmember(key + ".png").offset_data
+        with open(shard, "r+b") as f:  # readable now
+            f.seek(offset)
+            f.write(good)
     second = epoch()
     assert count_unreadable(ds, it) == 1
     for (v1, l1, s1), (v2, l2, s2) in zip(first, second, strict=True):
@@ -167,12 +183,17 @@ def metrics(run):
 
 
 @pytest.mark.slow
-def test_one_bad_file_in_nine_is_counted_once_over_three_epochs(tmp_path):
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_one_bad_file_in_nine_is_counted_once_over_three_epochs(tmp_path, source):
     """1 bad file in 9, data.max_bad_fraction 0.15 (1.35 files): passed over in every epoch
-    (3 steps of 3 cover all 9 indices), but one file: the run finishes."""
+    (3 steps of 3 cover all 9 indices), but one file: the run finishes. Also from tar shards
+    written from the folder (data.shards), read by the loader's worker process."""
     base, run = data_root(tmp_path, bad=1), tmp_path / "run"
+    pattern = (write_shards(base / "ds" / "train", tmp_path / "shards", shard_size=4)
+               if source == "shards" else None)
     r = run_cli(*train_cmd(base, run, "optimization.epochs=3", "data.num_workers=1",
-                           "data.max_bad_fraction=0.15")[1:], check=False)
+                           "data.max_bad_fraction=0.15", *source_args(source, pattern))[1:],
+                check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = metrics(run)
     assert [m["step"] for m in rows] == list(range(1, 10))

@@ -84,9 +84,9 @@ def test_ds_config_single_source_of_truth():
     ds = resolve_ds_config({"gradient_accumulation_steps": 2}, cfg, 4, "x.json")
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2 is not supported with "
-                                          r"ZeRO-3"):
-        resolve_ds_config({"gradient_accumulation_steps": 2, "zero_optimization": {"stage": 3}},
-                          cfg, 4, "x.json")
+                                          r"ZeRO-Offload"):
+        resolve_ds_config({"gradient_accumulation_steps": 2, "zero_optimization": {
+            "stage": 2, "offload_optimizer": {"device": "cpu"}}}, cfg, 4, "x.json")
 
 
 @pytest.mark.slow

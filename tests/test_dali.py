@@ -25,7 +25,7 @@ from msn_ds.data import (IMAGENET_MEAN, IMAGENET_STD, GlobalBatchSampler, MultiC
 from msn_ds.data.loader import build_pretrain_loader, resolve_loader
 from msn_ds.data.replay import replay
 from msn_ds.data.transforms import view_transform
-from helpers import run_cli
+from helpers import loader_source, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -148,15 +148,15 @@ def run_both(folder, transform_args, batch, epochs):
     s_dali = GlobalBatchSampler(len(ds_dali), batch, seed=0)
     dali = DaliMultiCropLoader(ds_dali, s_dali, num_threads=2)
     fed, sizes = [], []
-    host_batch = dali._host_batch
+    host_batch = dali.host.batch
 
     def recording_host_batch(items):
         out = host_batch(items)
-        fed.append(np.stack([np.stack(v) for v in out[3]]))  # (views, B, params)
-        sizes.append(np.stack([dali._shape[i] for _, i in items]))
+        fed.append(np.stack([np.stack(v) for v in out[2]]))  # (views, B, params)
+        sizes.append(np.stack([dali.host.shape[i] for _, i in items]))
         return out
 
-    dali._host_batch = recording_host_batch
+    dali.host.batch = recording_host_batch
     torch_loader = torch.utils.data.DataLoader(ds_torch, batch_size=batch, sampler=s_torch,
                                                collate_fn=collate_views)
     d_out, t_out = [], []
@@ -286,15 +286,19 @@ def write_bad_folder(root):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("source", ["folder", "shards"])
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_bad_files_skipped_and_counted(tmp_path, loader, caplog):
+def test_bad_files_skipped_and_counted(tmp_path, loader, source, caplog):
+    """Also from tar shards written from the folder (data.shards): the same samples skipped
+    (named shard.tar:key, mapped back to the folder's names here)."""
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     bad = write_bad_folder(tmp_path / "train")
+    shards, path_of = loader_source(source, tmp_path / "train", tmp_path / "shards")
     data = dict(defaults()["data"], num_workers=0 if loader == "torch" else 1, rand_size=32,
-                focal_size=16, focal_views=2, color_jitter_strength=0.0)
+                focal_size=16, focal_views=2, color_jitter_strength=0.0, **shards)
     ds, sampler, it = build_pretrain_loader(data, str(tmp_path / "train"), 8, 0, loader=loader)
-    names = [os.path.basename(p) for p, _ in ds.samples]
+    names = [os.path.basename(path_of(p)) for p, _ in ds.samples]
     assert len(names) == 16 and "readme.txt" not in names
     # expected count: each bad index is replaced by the next readable one in folder order
     runs = 0
@@ -307,29 +311,33 @@ def test_bad_files_skipped_and_counted(tmp_path, loader, caplog):
     skipped = sum(s for _, _, s in it)
     assert skipped == runs == 8  # truncated.jpg, truncated.png, zero.jpg are consecutive
     if loader == "dali":
-        assert sorted(os.path.basename(p) for p in it.bad_files) == sorted(bad)
+        assert sorted(os.path.basename(path_of(p)) for p in it.bad_files) == sorted(bad)
         for v in it:  # a second epoch: bad files are known, still counted
             pass
     assert any("unreadable" in r.getMessage() for r in caplog.records) or loader == "torch"
 
 
 @pytest.mark.slow
-def test_dali_decodes_odd_formats_like_pil(tmp_path):
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_dali_decodes_odd_formats_like_pil(tmp_path, source):
     """CMYK, grayscale, 16-bit and palette images reach DALI with the torch path's pixels;
-    a file DALI cannot decode although the probe passed it is re-checked and skipped."""
+    a file DALI cannot decode although the probe passed it is re-checked and skipped. Also
+    from tar shards written from the folder (data.shards): DALI fed the shards' bytes."""
     pytest.importorskip("nvidia.dali")
     write_bad_folder(tmp_path / "train")
+    shards, path_of = loader_source(source, tmp_path / "train", tmp_path / "shards")
     data = dict(defaults()["data"], num_workers=1, rand_size=32, focal_size=16, focal_views=2,
-                color_jitter_strength=0.0)
+                color_jitter_strength=0.0, **shards)
     ds, sampler, dali = build_pretrain_loader(data, str(tmp_path / "train"), 16, 0, loader="dali")
     sampler.set_epoch(0)
-    notimage = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("notimage.png")][0]
-    dali._status[notimage], dali._shape[notimage] = 1, (10, 10)  # a probe miss: DALI must fail
+    notimage = [i for i, (p, _) in enumerate(ds.samples)
+                if path_of(p).endswith("notimage.png")][0]
+    dali.host.status[notimage], dali.host.shape[notimage] = 1, (10, 10)  # probe miss: DALI fails
     (dv, dl, dsk), = list(dali)
     (tv, tl, tsk), = list(torch.utils.data.DataLoader(ds, batch_size=16, sampler=sampler,
                                                       collate_fn=collate_views))
     assert dsk == tsk == 8 and torch.equal(dl, tl)
-    assert dali._status[notimage] == 3
+    assert dali.host.status[notimage] == 3
     for a, b in zip(dv, tv):  # no jitter: blur, gray and resize differences only
         err = ((a - b) * STD).abs().mean((1, 2, 3))
         assert err.max() < 0.02, err
@@ -378,7 +386,7 @@ def dali_loader(root, batch, host_workers, pipelines=1):
                                  pipelines=pipelines)
     assert loader.pipelines == pipelines
     notimage = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("notimage.png")][0]
-    loader._status[notimage], loader._shape[notimage] = 1, (10, 10)  # a probe miss: _recover
+    loader.host.status[notimage], loader.host.shape[notimage] = 1, (10, 10)  # probe miss: _recover
     return loader
 
 
@@ -426,12 +434,12 @@ def test_host_workers_yield_the_same_batches(tmp_path):
             assert all(torch.equal(x, y) for x, y in zip(av, bv)), e
             assert torch.equal(al, bl) and ask == bsk, e
             skipped += bsk
-        assert not par._inflight  # nothing computed ahead survives the epoch
+        assert not par.host.inflight  # nothing computed ahead survives the epoch
     assert skipped > 0
     assert ref.bad_files == par.bad_files  # the same files, logged in the same order
     assert sorted(os.path.basename(p) for p in par.bad_files) == sorted(bad)
-    assert np.array_equal(ref._status, par._status)
-    pids = list(par._pool._processes)
+    assert np.array_equal(ref.host.status, par.host.status)
+    pids = list(par.host.pool._processes)
     assert len(pids) == 2 and all(alive(p) for p in pids)
     par.close()
     assert not any(alive(p) for p in pids)
@@ -444,7 +452,7 @@ def test_host_workers_stop_with_the_loader(tmp_path):
     write_bad_folder(tmp_path / "train")
     loader = dali_loader(str(tmp_path / "train"), 4, 1)
     assert len(epoch(loader, 0, stop=1)) == 1
-    pids = list(loader._pool._processes)
+    pids = list(loader.host.pool._processes)
     assert len(pids) == 1 and alive(pids[0])
     del loader
     gc.collect()
@@ -463,7 +471,7 @@ if __name__ == "__main__":
     epoch(loader, 0, stop=1)
     it = iter(loader)
     next(it)  # a suspended epoch with batches in flight
-    print(*loader._pool._processes, flush=True)
+    print(*loader.host.pool._processes, flush=True)
 """
     # in tests/ (the script imports test_dali), not the repository root run_cli uses
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -490,12 +498,12 @@ def test_pipelines_yield_the_same_batches(tmp_path, pipelines, host_workers):
         for (av, al, ask), (bv, bl, bsk) in zip(a, b):
             assert all(torch.equal(x, y) for x, y in zip(av, bv)), e
             assert torch.equal(al, bl) and ask == bsk, e
-        assert not par._inflight  # nothing computed ahead survives the epoch
+        assert not par.host.inflight  # nothing computed ahead survives the epoch
         if stop is None:  # a whole epoch dealt every batch it computed, and yielded it
             assert not any(par._ready) and not par._pending
     # the same files; found in another order, as the host reads further ahead of DALI
     assert sorted(ref.bad_files) == sorted(par.bad_files) and len(par.bad_files) == 5
-    assert np.array_equal(ref._status, par._status)
+    assert np.array_equal(ref.host.status, par.host.status)
     par.close()
 
 

@@ -40,7 +40,7 @@ def test_two_process_loss_equals_one_process(tmp_path, sinkhorn, eps):
     tol = dict(atol=1e-6, rtol=1e-6)
     mean_loss = sum(r["loss"] for r in ranks) / WORLD
     torch.testing.assert_close(mean_loss, loss.detach(), **tol)
-    for key in ("me_max", "np"):  # global statistics
+    for key in ("me_max", "np", "proto_hits"):  # global statistics
         for r in ranks:
             torch.testing.assert_close(r["stats"][key], stats[key], **tol)
     # anchor rows: rank r holds images r*b..(r+1)*b of every view; the engine averages the

@@ -92,7 +92,9 @@ def test_hand_checked_two_prototypes():
     assert loss.item() == pytest.approx(ce + me, rel=1e-6)
     assert stats["np"].item() == 1
     assert stats["max_t"].item() == pytest.approx(t[0], rel=1e-6)
-    assert tuple(stats) == MSNLoss.STATS  # what the monitor reads and files under train/
+    # what the monitor reads and files under train/ (scalars, then the per-prototype hits)
+    assert tuple(stats) == MSNLoss.STATS + MSNLoss.VECTORS
+    assert stats["proto_hits"].tolist() == [1.0, 0.0]  # the one target's argmax: prototype 0
 
 
 def test_targets_repeat_view_major():

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import run_cli
+from helpers import run_cli, source_args
 
 pytestmark = pytest.mark.slow  # launches processes
 
@@ -35,9 +35,14 @@ def one_process(demo_root, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("ds", ["zero1_fp32.json", "zero2_fp32.json", "zero3_fp32.json"])
-def test_world_size_invariance(demo_root, one_process, tmp_path, ds):
+@pytest.mark.parametrize("ds,source", [
+    ("zero1_fp32.json", "folder"), ("zero2_fp32.json", "folder"), ("zero3_fp32.json", "folder"),
+    ("zero1_fp32.json", "shards")])
+def test_world_size_invariance(demo_root, demo_shards, one_process, tmp_path, ds, source):
     """Global batch 8: one process (ZeRO-0) vs two processes of 4 (ZeRO-1/2), 5 steps.
+    Also with the two processes reading the folder's tar shards (data.shards; ZeRO-1 only,
+    the source being independent of the stage): the same bounds against the one process
+    on the folder.
 
     Same images, views, masks and global BatchNorm statistics at every step; only the
     summation order of the gradient average differs. Adam amplifies that rounding where the
@@ -49,7 +54,8 @@ def test_world_size_invariance(demo_root, one_process, tmp_path, ds):
     BatchNorm per size group sums smaller groups: 6.1e-5 measured at step 5).
     """
     folder = str(tmp_path / "ws2")
-    run_cli("train.py", *args(demo_root, folder, ds, 4), nproc=2)
+    run_cli("train.py", *args(demo_root, folder, ds, 4, 5, *source_args(source, demo_shards)),
+            nproc=2)
     a, b = flat(one_process), flat(folder)
     rel = ((a - b).norm() / a.norm()).item()
     assert rel < 1.5e-4, rel  # measured: 1.13e-4 (ZeRO-1, ZeRO-2), 1.11e-4 (ZeRO-3)

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT, load_script
+from helpers import ROOT, load_script, write_shards
 from msn_ds.config import ConfigError, defaults, load_config
 from msn_ds.data import shards as S
 from msn_ds.data.loader import build_pretrain_loader, count_unreadable
-from msn_ds.data.source import FolderSource
 
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
 
@@ -62,7 +61,7 @@ def assert_same(a, b):
 @pytest.fixture
 def data(tmp_path):
     folder = write_folder(tmp_path / "train")
-    pattern = S.write_shards(FolderSource(folder), str(tmp_path / "shards"), shard_size=4)
+    pattern = write_shards(folder, tmp_path / "shards", shard_size=4)
     return folder, pattern
 
 

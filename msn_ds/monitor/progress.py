@@ -45,7 +45,14 @@ class Monitor:
 
     Performance scalars: images/s (global), MFU (with ``flops_per_image`` and the device's
     ``peak_flops``), peak memory and the fraction of wall time the loop spent waiting for
-    the loader (``data_wait`` seconds passed to :meth:`update`)."""
+    the loader (``data_wait`` seconds passed to :meth:`update`).
+
+    Vector statistics (:data:`HISTOGRAMS`: the loss's ``proto_hits``, target argmax hits per
+    prototype over the global batch) are summed over the interval on the device, on the
+    process that writes TensorBoard only, and written there as a histogram at log steps;
+    they stay out of the progress line and ``metrics.jsonl``."""
+
+    HISTOGRAMS = {"proto_hits": "train/prototype_usage"}  # stat -> TensorBoard histogram tag
 
     def __init__(self, folder: str, total_steps: int, global_batch: int, log_every: int,
                  tensorboard: bool = True, flops_per_image: Optional[float] = None,
@@ -60,6 +67,7 @@ class Monitor:
             self.writer = SummaryWriter(log_dir=os.path.join(folder, "tb"))
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._vectors: dict[str, torch.Tensor] = {}  # HISTOGRAMS' sums over the interval
         self._t0 = time.perf_counter()
         self._start = self._t0
         self._steps_since = 0
@@ -76,6 +84,11 @@ class Monitor:
             if self.device is not None and v.device != self.device:
                 raise ValueError(f"step statistic {k!r} is on {v.device}; the step runs on "
                                  f"{self.device}")
+            if k in self.HISTOGRAMS:  # a vector, for TensorBoard only
+                if self.writer is not None:
+                    v = v.detach().float()
+                    self._vectors[k] = self._vectors[k] + v if k in self._vectors else v.clone()
+                continue
             v = v.detach().float().reshape(())
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
             self._counts[k] = self._counts.get(k, 0) + 1
@@ -135,7 +148,10 @@ class Monitor:
                              "hparams" if k in hparams else
                              "data" if k in ("bad_images", "data_wait_frac") else "perf")
                     self.writer.add_scalar(f"{group}/{k}", v, step)
+                for k, v in self._vectors.items():  # the host copy: a log step's read
+                    self.writer.add_histogram(self.HISTOGRAMS[k], v.cpu(), step)
                 self.writer.flush()
+        self._vectors = {}
         self._sums, self._counts, self._steps_since, self._t0, self._wait = {}, {}, 0, now, 0.0
         return scalars
 
