@@ -18,8 +18,7 @@ import torch
 from msn_ds import distributed as D
 from msn_ds.config import ConfigError, dump, knn_folders, load_config, train_folder
 from msn_ds.data.dali import dali_available
-from msn_ds.data.loader import (build_pretrain_loader, count_unreadable,
-                                 count_unreadable_everywhere, shm_problem)
+from msn_ds.data.loader import PretrainData, build_pretrain_data, shm_problem
 from msn_ds.deepspeed_config import read_ds_config, resolve_ds_config
 from msn_ds.engine import check_init_weights, configure_precision
 from msn_ds.io.atomic import SaveError
@@ -85,14 +84,14 @@ def build_knn_monitor(cfg: dict, source: str):
         raise ConfigError(f"{source}: eval.knn_train/knn_val: {e}{hint}") from None
 
 
-def build_loader(cfg: dict, accumulation: int = 1):
+def build_data(cfg: dict, accumulation: int = 1) -> PretrainData:
     """``data.loader``: DALI (on this process's GPU when there is one) or torchvision. Built
     before the process group (rank and world size from the launcher's environment), so that
     an empty ``train/`` or too few images for one global batch is refused before DeepSpeed
     starts. Each batch is a whole step's: ``accumulation`` micro-batches of
     ``criterion.batch_size``, which the step splits (msn_ds/accumulate.py)."""
     device_id = D.local_rank() if D.accelerator_name() == "cuda" else None
-    return build_pretrain_loader(cfg["data"], train_folder(cfg),
+    return build_pretrain_data(cfg["data"], train_folder(cfg),
                                  cfg["criterion"]["batch_size"] * accumulation,
                                  cfg["meta"]["seed"], int(os.environ["WORLD_SIZE"]),
                                  int(os.environ["RANK"]), device_id)
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
         if problem:
             raise ConfigError(f"{args.config}: {problem}")
         try:  # an empty train/ or fewer images than one global batch
-            dataset, sampler, loader = build_loader(cfg, ds_config["gradient_accumulation_steps"])
+            data = build_data(cfg, ds_config["gradient_accumulation_steps"])
         except (FileNotFoundError, ValueError) as e:
             where = ("data.shards" if cfg["data"]["shards"] is not None
                      else f"training images in {train_folder(cfg)}")
@@ -163,7 +162,7 @@ def main(argv=None) -> int:
         return 2
     for note in claim.notes:
         log.warning("%s", note)
-    spe = sampler.batches_per_epoch
+    spe = data.batches_per_epoch
     try:  # the resume is checked (and converted, at another world size) first
         built = build(cfg, ds_config, spe, claim.resume_from)
     except CheckpointError as e:
@@ -187,7 +186,7 @@ def main(argv=None) -> int:
         write_run_file(os.path.join(folder, f"{cfg['logging']['write_tag']}-config.yaml"),
                        dump(cfg))  # replaces a planted link, never writes through it
     if cfg["logging"]["tensorboard"] and D.is_main():
-        log_views(cfg, dataset, loader)  # TensorBoard data/views: what the encoders see
+        log_views(cfg, data)  # TensorBoard data/views: what the encoders see
 
     total = schedules.total_steps if args.max_steps is None else min(args.max_steps,
                                                                      schedules.total_steps)
@@ -205,7 +204,7 @@ def main(argv=None) -> int:
                       peak_flops=cfg["logging"]["peak_tflops"] * 1e12 or peak_flops(device),
                       device=device)
     log.info("%s: %d images, %d steps/epoch, global batch %d on %d processes, %d steps",
-             cfg["meta"]["model_name"], len(dataset), sampler.batches_per_epoch, global_batch,
+             cfg["meta"]["model_name"], len(data), spe, global_batch,
              D.world_size(), total)
 
     stop = D.StopRequest()
@@ -220,17 +219,17 @@ def main(argv=None) -> int:
     every = cfg["logging"]["checkpoint_every_steps"]
     while step < total and not stop.flag:
         epoch = step // spe
-        sampler.set_epoch(epoch, start_batch=step % spe)
+        data.set_epoch(epoch, start_batch=step % spe)
         waited_since = time.perf_counter()
-        for views, _, skipped in loader:
+        for views, _, skipped in data:
             data_wait = time.perf_counter() - waited_since
             if skipped:  # only a batch that passed over a bad file can have found a new one
-                n = count_unreadable(dataset, loader)
+                n = data.count_unreadable()
                 if n > bad_images:
                     log.warning("%d distinct unreadable images skipped on this process so "
-                                "far (%s)", n, dataset.root)
+                                "far (%s)", n, data.name)
                 bad_images = n
-                check_bad_fraction(n, dataset, cfg["data"]["max_bad_fraction"], stop)
+                check_bad_fraction(n, data, cfg["data"]["max_bad_fraction"], stop)
             out = trainer.step(views, step, log=monitor.due(step + 1), stop=stop.level)
             step += 1
             monitor.update(dict(out.stats, loss=out.loss, skipped=out.skipped),
@@ -251,8 +250,8 @@ def main(argv=None) -> int:
                 monitor.log_eval(step, knn(target, device, trainer.target_dtype) or {},
                                  knn.describe)
             if due:  # every process counts the same union, so all of them stop alike
-                everywhere = count_unreadable_everywhere(dataset, loader)
-                check_bad_fraction(everywhere, dataset, cfg["data"]["max_bad_fraction"], stop,
+                everywhere = data.count_unreadable_everywhere()
+                check_bad_fraction(everywhere, data, cfg["data"]["max_bad_fraction"], stop,
                                    where="by all processes")
                 monitor.log(step, epoch, out.sched, extra={"bad_images": everywhere})
             if checkpoint:
@@ -270,6 +269,7 @@ def main(argv=None) -> int:
         save()
     save_weights_file(cfg, os.path.join(folder, f"global_step{step}"))
     monitor.close()
+    data.close()
     claim.release()
     D.cleanup()  # a barrier first: all are done before one exits (and its launcher, if it
     # failed, stops the rest)
@@ -293,15 +293,15 @@ def checkpoint_bytes(cfg: dict) -> int:
     return params * (4 * 4 + 4)
 
 
-def check_bad_fraction(n: int, dataset, max_fraction: float, stop,
+def check_bad_fraction(n: int, data: PretrainData, max_fraction: float, stop,
                        where: str = "on this process") -> None:
     """``n`` distinct unreadable images found (each file counted once: the loaders remember
     them and skip them unread in later epochs). Above ``data.max_bad_fraction`` of the
     images, fail through ``stop``: the step carries it to every process, so all of them save
     the last good state together and exit with status 2, the reason in the log."""
-    if n > max_fraction * len(dataset) and stop.level < stop.FAILURE:
+    if n > max_fraction * len(data) and stop.level < stop.FAILURE:
         reason = (f"data.max_bad_fraction={max_fraction} exceeded: {n} distinct unreadable "
-                  f"images of {len(dataset)} found {where} in {dataset.root} "
+                  f"images of {len(data)} found {where} in {data.name} "
                   "(scripts/check_dataset.py lists them)")
         log.error("%s; saving the last good state and stopping", reason)
         stop.fail(reason)

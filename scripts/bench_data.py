@@ -37,7 +37,6 @@ over the row's. Pin the process to N cores (``taskset -c 0-(N-1)``) to compare p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import statistics
@@ -161,21 +160,15 @@ def tree_cpu_seconds() -> float:
 
 
 def write_bench_shards(root: str, shard_size: int) -> tuple[str, str]:
-    """``(temporary folder, data.shards pattern)``: ``root`` written as tar shards by
-    scripts/make_shards.py's writer (the file beside this one, imported by path)."""
+    """``(temporary folder, data.shards pattern)``: ``root`` written as tar shards by the
+    writer of ``scripts/make_shards.py`` (``msn_ds.data.shards.write_shards``)."""
+    from msn_ds.data.shards import write_shards
     from msn_ds.data.source import UNLABELLED, FolderSource
 
-    make_shards = sys.modules.get("make_shards")
-    if make_shards is None:  # registered before it runs (its dataclass looks itself up)
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_shards.py")
-        spec = importlib.util.spec_from_file_location("make_shards", path)
-        make_shards = sys.modules["make_shards"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(make_shards)
     source = FolderSource(root)
     tmp = tempfile.mkdtemp(prefix="bench_data_shards_")
     try:
-        written = make_shards.write_shards(source, tmp, shard_size,
-                                           labels=source.classes != [UNLABELLED])
+        written = write_shards(source, tmp, shard_size, labels=source.classes != [UNLABELLED])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -188,7 +181,7 @@ class Bench:
     (``data.shards``) instead of the folder ``root``."""
 
     def __init__(self, kind: str, data: dict, root: str, batch: int, device_id, shards=None):
-        from msn_ds.data.loader import build_pretrain_loader
+        from msn_ds.data.loader import build_pretrain_data
 
         self.kind, self.device_id, self.epoch_no = kind, device_id, 0
         self.source = "shards" if shards else "folder"
@@ -198,9 +191,9 @@ class Bench:
             self.dataset, self.loader = build_plain_loader(data, root, batch)
             self.sampler = None
         else:
-            self.dataset, self.sampler, self.loader = build_pretrain_loader(
-                {**data, "shards": shards}, root, batch, seed=0, device_id=device_id,
-                loader=kind)
+            built = build_pretrain_data({**data, "shards": shards}, root, batch, seed=0,
+                                        device_id=device_id, loader=kind)
+            self.dataset, self.sampler, self.loader = built.dataset, built.sampler, built.loader
         self.build_s = time.perf_counter() - t0
 
     def epoch(self):

@@ -33,140 +33,42 @@ shards (and their indexes) left there by an earlier run, and leaves other files 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import sys
-import tarfile
-from dataclasses import dataclass, field
 
-from msn_ds.data.probe import decode_rgb
-from msn_ds.data.shards import IMAGE_EXTENSIONS, INDEX_SUFFIX, ShardSource
-from msn_ds.data.source import UNLABELLED, FolderSource, ImageSource
-from msn_ds.io.atomic import SaveError, atomic_write, human_size
-
-KEY_DIGITS = 9  # as msn_ds.data.shards.write_shards
-SHARD_DIGITS = 6
-
-
-@dataclass
-class Written:
-    """What :func:`write_shards` wrote: the ``data.shards`` pattern, the shard paths, and the
-    samples converted to PNG or stored unreadable (keys of the source)."""
-    pattern: str
-    paths: list
-    samples: int
-    bytes: int = 0
-    converted: list = field(default_factory=list)
-    unreadable: list = field(default_factory=list)
-
-
-def shard_names(out_dir: str, prefix: str, count: int) -> tuple[list[str], str]:
-    """The ``count`` shard paths and the brace pattern naming them (at least 6 digits, more
-    when ``count`` needs them, all of one width so that the pattern expands to them)."""
-    width = max(SHARD_DIGITS, len(str(count - 1)))
-    paths = [os.path.join(out_dir, f"{prefix}-{s:0{width}d}.tar") for s in range(count)]
-    first, last = f"{0:0{width}d}", f"{count - 1:0{width}d}"
-    return paths, os.path.join(out_dir, f"{prefix}-{{{first}..{last}}}.tar")
-
-
-def sample_bytes(source: ImageSource, i: int, written: Written) -> tuple[str, bytes]:
-    """``(extension, bytes)`` of sample ``i`` as it goes into a shard (module docstring)."""
-    ext = source.key(i).rsplit(".", 1)[-1].lower()
-    try:
-        data = source.read(i)
-    except OSError:
-        written.unreadable.append(source.key(i))
-        return (ext if ext in IMAGE_EXTENSIONS else "png"), b""
-    if ext in IMAGE_EXTENSIONS:
-        return ext, data
-    try:
-        buf = io.BytesIO()
-        decode_rgb(data).save(buf, "PNG")
-    except Exception:  # undecodable: stays so in the shard (skipped and counted alike)
-        written.unreadable.append(source.key(i))
-        return "png", data
-    written.converted.append(source.key(i))
-    return "png", buf.getvalue()
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # mtime 0, mode 0644, no owner: the same folder, the same bytes
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
+from msn_ds.data.shards import INDEX_SUFFIX, SHARD_DIGITS, verify, write_shards
+from msn_ds.data.source import UNLABELLED, FolderSource
+from msn_ds.io.atomic import SaveError, human_size
 
 
 class _Progress:
-    """tqdm's bar on stderr where tqdm is installed (and stderr a terminal), else one line
-    per shard."""
+    """tqdm's bar on stderr where tqdm is installed and stderr a terminal, else one line per
+    shard."""
 
-    def __init__(self, total: int, shards: int, enabled: bool):
-        self.total, self.shards, self.done, self.bar = total, shards, 0, None
-        self.enabled = enabled
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, unit="img", desc="shards", file=sys.stderr,
-                            dynamic_ncols=True, disable=None)
+    def __init__(self, total: int, shards: int):
+        self.total, self.shards, self.bar = total, shards, None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, unit="img", desc="shards", file=sys.stderr,
+                        dynamic_ncols=True, disable=None)
+        if self.bar.disable:  # stderr is not a terminal (a log file): a line per shard
+            self.bar = None
 
     def image(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
     def shard(self, s: int, samples_done: int) -> None:
-        if self.enabled and self.bar is None:
+        if self.bar is None:
             print(f"shard {s + 1}/{self.shards} written ({samples_done}/{self.total} images)",
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def write_shards(source: ImageSource, out_dir: str, shard_size: int, prefix: str = "train",
-                 labels: bool = True, progress: bool = False) -> Written:
-    """Write ``source``'s samples in index order as shards of ``shard_size`` samples in
-    ``out_dir`` (which must exist), each shard atomically; ``labels``: write ``.cls``
-    members. Raises ``OSError`` / :class:`~msn_ds.io.atomic.SaveError` when a shard cannot
-    be written (that shard is left out whole)."""
-    if shard_size < 1:
-        raise ValueError(f"shard size must be at least 1, got {shard_size}")
-    n = len(source)
-    count = -(-n // shard_size)
-    paths, pattern = shard_names(out_dir, prefix, count)
-    written = Written(pattern, paths, n)
-    bar = _Progress(n, count, progress)
-    try:
-        for s, path in enumerate(paths):
-            stop = min(n, (s + 1) * shard_size)
-
-            def fill(tmp, start=s * shard_size, stop=stop):
-                with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-                    for i in range(start, stop):
-                        ext, data = sample_bytes(source, i, written)
-                        _add(tf, f"{i:0{KEY_DIGITS}d}.{ext}", data)
-                        if labels:
-                            _add(tf, f"{i:0{KEY_DIGITS}d}.cls", str(source.label(i)).encode())
-                        bar.image()
-
-            atomic_write(path, fill, what="the shard")
-            written.bytes += os.path.getsize(path)
-            bar.shard(s, stop)
-    finally:
-        bar.close()
-    return written
-
-
-def verify(source: ImageSource, written: Written) -> None:
-    """Read the shards back (building and caching each one's offset index): the same count
-    and labels as ``source``; raises ``RuntimeError`` otherwise (a bug, not bad input)."""
-    back = ShardSource(written.pattern)
-    if len(back) != len(source) or any(back.label(i) != source.label(i)
-                                       for i in range(len(source))):
-        raise RuntimeError(f"{written.pattern}: read back {len(back)} samples, not the "
-                           f"{len(source)} of {source.name} with their labels")
 
 
 _OURS = r"-\d{%d,}\.tar(%s|\.\d+\.[0-9a-f]{8}\.tmp)?$" % (SHARD_DIGITS, re.escape(INDEX_SUFFIX))
@@ -237,8 +139,12 @@ def main(argv=None) -> int:
         return 2
     unlabelled = source.classes == [UNLABELLED]
     try:
-        written = write_shards(source, out, args.shard_size, args.prefix,
-                               labels=not unlabelled, progress=True)
+        bar = _Progress(len(source), -(-len(source) // args.shard_size))
+        try:
+            written = write_shards(source, out, args.shard_size, args.prefix,
+                                   labels=not unlabelled, on_image=bar.image, on_shard=bar.shard)
+        finally:
+            bar.close()
     except (OSError, SaveError) as e:
         print(f"error: cannot write the shards to {out}: {e}", file=sys.stderr)
         return 2

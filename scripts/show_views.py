@@ -28,8 +28,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from msn_ds.config import ConfigError, load_config, train_folder
-    from msn_ds.data import MultiCropTransform, MultiViewImageFolder
-    from msn_ds.data.loader import resolve_loader
+    from msn_ds.data.loader import build_pretrain_data, resolve_loader
     from msn_ds.monitor.views_grid import grid_for_config
 
     try:
@@ -39,13 +38,21 @@ def main(argv=None) -> int:
         return 2
     data = cfg["data"]
     kind = resolve_loader(args.loader or data["loader"])
-    transform = MultiCropTransform.from_config(data)
-    dataset = MultiViewImageFolder(train_folder(cfg), transform, seed=cfg["meta"]["seed"])
     device_id = 0 if kind == "dali" and torch.cuda.is_available() else None
-    grid = grid_for_config(cfg, dataset, kind, args.samples, device_id)
+    try:  # the folder, or data.shards, as training reads it
+        images = build_pretrain_data(dict(data, num_workers=0), train_folder(cfg), args.samples,
+                                     cfg["meta"]["seed"], device_id=device_id, loader=kind)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {args.config}: {data['shards'] or train_folder(cfg)}: {e}",
+              file=sys.stderr)
+        return 2
+    try:
+        grid = grid_for_config(cfg, images, args.samples)
+    finally:
+        images.close()
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.out)
     print(f"wrote {args.out} ({grid.shape[2]}x{grid.shape[1]}, {kind} loader, "
-          f"{args.samples} images x {transform.num_views} views)")
+          f"{args.samples} images x {1 + data['rand_views'] + data['focal_views']} views)")
     return 0
 
 

@@ -68,14 +68,16 @@ def write_folder(root: Path, counts: dict, size: int = 16, seed: int = 0) -> Non
 
 def write_shards(folder, out_dir, shard_size: int = 4) -> str:
     """The ImageFolder ``folder`` as standard WebDataset tar shards, written with Python's
-    ``tarfile`` in the folder's sorted order (``<out_dir>/train-000000.tar``, ...,
-    ``shard_size`` samples each, sample ``i`` as ``%09d.<ext>`` + ``%09d.cls``); returns the
-    ``data.shards`` brace pattern naming them. Read back, they give the folder's batches
-    bit for bit (tests/test_shards.py), so a test can run on either and compare."""
+    ``tarfile`` in the folder's sorted order by scripts/make_shards.py's writer
+    (``<out_dir>/train-000000.tar``, ..., ``shard_size`` samples each, sample ``i`` as
+    ``%09d.<ext>`` + ``%09d.cls``); returns the ``data.shards`` brace pattern naming them.
+    Read back, they give the folder's batches bit for bit (tests/test_shards.py), so a test
+    can run on either and compare."""
     from msn_ds.data.shards import write_shards as write
     from msn_ds.data.source import FolderSource
 
-    return write(FolderSource(str(folder)), str(out_dir), shard_size)
+    os.makedirs(out_dir, exist_ok=True)
+    return write(FolderSource(str(folder)), str(out_dir), shard_size).pattern
 
 
 def shard_key_to_path(folder, pattern) -> dict:

@@ -22,7 +22,7 @@ from helpers import (ROOT, cpu_env, loader_source, run_cli, source_args, write_f
                      write_shards)
 from msn_ds.config import defaults
 from msn_ds.data.dataset import MultiViewImageFolder, eval_folder, list_images, load_rgb
-from msn_ds.data.loader import build_pretrain_loader, count_unreadable
+from msn_ds.data.loader import build_pretrain_data
 from msn_ds.data.sampler import GlobalBatchSampler
 from msn_ds.data.transforms import eval_transform
 
@@ -127,8 +127,9 @@ def test_bad_file_read_once_then_remembered_by_the_workers(tmp_path, source):
     good = bad.read_bytes()
     bad.write_bytes(b"not a png" + good[9:])  # the PNG signature broken, the length kept
     shards, path_of = loader_source(source, root, tmp_path / "shards")
-    ds, sampler, it = build_pretrain_loader(loader_data(num_workers=2, **shards), str(root), 3,
-                                            0, loader="torch")
+    data = build_pretrain_data(loader_data(num_workers=2, **shards), str(root), 3, 0,
+                               loader="torch")
+    ds, sampler, it = data.dataset, data.sampler, data.loader
     name = next(key for key, _ in ds.samples if path_of(key) == str(bad))
 
     def epoch():
@@ -136,7 +137,7 @@ def test_bad_file_read_once_then_remembered_by_the_workers(tmp_path, source):
         return [([v.clone() for v in views], labels, skipped) for views, labels, skipped in it]
     first = epoch()
     assert sum(s for _, _, s in first) == 1
-    assert ds.unreadable() == [name] and count_unreadable(ds, it) == 1
+    assert ds.unreadable() == data.unreadable() == [name] and data.count_unreadable() == 1
     if source == "folder":
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bad, format="PNG")  # readable now
     else:
@@ -147,7 +148,7 @@ def test_bad_file_read_once_then_remembered_by_the_workers(tmp_path, source):
             f.seek(offset)
             f.write(good)
     second = epoch()
-    assert count_unreadable(ds, it) == 1
+    assert data.count_unreadable() == 1
     for (v1, l1, s1), (v2, l2, s2) in zip(first, second, strict=True):
         assert torch.equal(l1, l2) and s1 == s2
         assert all(torch.equal(a, b) for a, b in zip(v1, v2))

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from msn_ds.config import ConfigError, defaults, load_config
 from msn_ds.data import (IMAGENET_MEAN, IMAGENET_STD, GlobalBatchSampler, MultiCropTransform,
                          MultiViewImageFolder, collate_views)
-from msn_ds.data.loader import build_pretrain_loader, resolve_loader
+from msn_ds.data.loader import build_pretrain_data, resolve_loader
 from msn_ds.data.replay import replay
 from msn_ds.data.transforms import view_transform
 from helpers import loader_source, run_cli
@@ -297,7 +297,8 @@ def test_bad_files_skipped_and_counted(tmp_path, loader, source, caplog):
     shards, path_of = loader_source(source, tmp_path / "train", tmp_path / "shards")
     data = dict(defaults()["data"], num_workers=0 if loader == "torch" else 1, rand_size=32,
                 focal_size=16, focal_views=2, color_jitter_strength=0.0, **shards)
-    ds, sampler, it = build_pretrain_loader(data, str(tmp_path / "train"), 8, 0, loader=loader)
+    built = build_pretrain_data(data, str(tmp_path / "train"), 8, 0, loader=loader)
+    ds, sampler, it = built.dataset, built.sampler, built.loader
     names = [os.path.basename(path_of(p)) for p, _ in ds.samples]
     assert len(names) == 16 and "readme.txt" not in names
     # expected count: each bad index is replaced by the next readable one in folder order
@@ -310,6 +311,7 @@ def test_bad_files_skipped_and_counted(tmp_path, loader, source, caplog):
     sampler.set_epoch(0)
     skipped = sum(s for _, _, s in it)
     assert skipped == runs == 8  # truncated.jpg, truncated.png, zero.jpg are consecutive
+    assert sorted(os.path.basename(path_of(p)) for p in built.unreadable()) == sorted(bad)
     if loader == "dali":
         assert sorted(os.path.basename(path_of(p)) for p in it.bad_files) == sorted(bad)
         for v in it:  # a second epoch: bad files are known, still counted
@@ -328,7 +330,8 @@ def test_dali_decodes_odd_formats_like_pil(tmp_path, source):
     shards, path_of = loader_source(source, tmp_path / "train", tmp_path / "shards")
     data = dict(defaults()["data"], num_workers=1, rand_size=32, focal_size=16, focal_views=2,
                 color_jitter_strength=0.0, **shards)
-    ds, sampler, dali = build_pretrain_loader(data, str(tmp_path / "train"), 16, 0, loader="dali")
+    built = build_pretrain_data(data, str(tmp_path / "train"), 16, 0, loader="dali")
+    ds, sampler, dali = built.dataset, built.sampler, built.loader
     sampler.set_epoch(0)
     notimage = [i for i, (p, _) in enumerate(ds.samples)
                 if path_of(p).endswith("notimage.png")][0]
@@ -354,11 +357,12 @@ def test_check_dataset_script(tmp_path):
 
 
 def test_views_grid_greys_the_dropped_patches(folder):
-    from msn_ds.monitor.views_grid import anchor_masks, preview_batch, views_grid
+    from msn_ds.data.loader import PretrainData
+    from msn_ds.monitor.views_grid import anchor_masks, views_grid
     from msn_ds.masking import keep_indices, mask_generator
 
     ds = MultiViewImageFolder(folder, MultiCropTransform(32, 16, 1, 2), seed=0)
-    views = preview_batch(ds, "torch", 3)
+    views = PretrainData(ds, None, None, "torch").preview(3)
     masks = anchor_masks(views, 2, 8, 0.5, batch_size=16, per_sample=False, seed=0)
     keep = keep_indices(16, 0.5, 16, False, mask_generator(0, 0), "cpu")
     assert masks[0].shape == (3, 4, 4) and int(masks[0][0].sum()) == 16 - 8
@@ -370,7 +374,7 @@ def test_views_grid_greys_the_dropped_patches(folder):
     grey = (patches - 128 / 255).abs().amax((0, 3, 4)) < 1e-6
     assert torch.equal(grey, masks[0][0])
     if pytest.importorskip("nvidia.dali"):
-        dali_views = preview_batch(ds, "dali", 3)
+        dali_views = PretrainData(ds, None, None, "dali").preview(3)
         for a, b in zip(views, dali_views):
             assert ((a - b) * STD).abs().mean() < 0.05
 

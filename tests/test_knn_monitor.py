@@ -115,6 +115,8 @@ def test_training_with_knn_is_unchanged_and_resumes_exactly(demo_root, tmp_path)
     tb = EventAccumulator(os.path.join(with_knn, "tb"))
     tb.Reload()
     assert [e.step for e in tb.Scalars("eval/knn_top1")] == [2, 4, 6]
+    # the views grid, from the run's PretrainData at its start
+    assert "data/views" in tb.Tags()["images"] and "views grid" not in r.stderr
     # stopped at 3 (between two evaluations) and resumed: the same weights as straight through
     run_cli("train.py", *args(demo_root, resumed, 3, "zero0_fp32.json", *knn))
     run_cli("train.py", *args(demo_root, resumed, 6, "zero0_fp32.json", *knn), "--resume")

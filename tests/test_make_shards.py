@@ -11,7 +11,7 @@ from PIL import Image
 
 from helpers import load_script
 from msn_ds.data.probe import decode_rgb
-from msn_ds.data.shards import INDEX_SUFFIX, ShardSource, expand_shards
+from msn_ds.data.shards import INDEX_SUFFIX, ShardSource, expand_shards, write_shards
 from msn_ds.data.source import FolderSource
 
 make_shards = load_script("scripts/make_shards.py")
@@ -158,7 +158,7 @@ def test_a_killed_run_leaves_whole_shards_only(tmp_path, monkeypatch):
     out_dir = tmp_path / "s"
     out_dir.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        make_shards.write_shards(src, str(out_dir), 3)
+        write_shards(src, str(out_dir), 3)
     assert sorted(os.listdir(out_dir)) == ["train-000000.tar", "train-000001.tar"]
     assert len(ShardSource(str(out_dir / "train-{000000..000001}.tar"))) == 6
 

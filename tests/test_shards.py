@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import ROOT, load_script, write_shards
 from msn_ds.config import ConfigError, defaults, load_config
 from msn_ds.data import shards as S
-from msn_ds.data.loader import build_pretrain_loader, count_unreadable
+from msn_ds.data.loader import build_pretrain_data
 
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
 
@@ -43,11 +43,12 @@ def loader_data(**kw):
             "num_workers": 0, **kw}
 
 
-def epochs(sampler, it, n=2):
+def epochs(data, n=2):
+    """``n`` epochs of a PretrainData (or of a loader with ``set_epoch``)."""
     out = []
     for e in range(n):
-        sampler.set_epoch(e)
-        out += [([v.clone() for v in views], labels, skipped) for views, labels, skipped in it]
+        data.set_epoch(e)
+        out += [([v.clone() for v in views], labels, skipped) for views, labels, skipped in data]
     return out
 
 
@@ -71,22 +72,19 @@ def test_shards_give_the_folders_batches(data):
     and key."""
     folder, pattern = data
     assert pattern.endswith("train-{000000..000002}.tar")
-    ds_f, sampler_f, it_f = build_pretrain_loader(loader_data(), folder, 4, 0, loader="torch")
-    ds_s, sampler_s, it_s = build_pretrain_loader(loader_data(shards=pattern), "unused", 4, 0,
-                                                  loader="torch")
-    assert len(ds_s) == len(ds_f) == 11
-    assert [y for _, y in ds_s.samples] == [y for _, y in ds_f.samples]
-    a, b = epochs(sampler_f, it_f), epochs(sampler_s, it_s)
+    f = build_pretrain_data(loader_data(), folder, 4, 0, loader="torch")
+    s = build_pretrain_data(loader_data(shards=pattern), "unused", 4, 0, loader="torch")
+    assert len(s) == len(f) == 11 and s.name == pattern and f.name == folder
+    assert [y for _, y in s.dataset.samples] == [y for _, y in f.dataset.samples]
+    a, b = epochs(f), epochs(s)
     assert_same(a, b)
-    assert sum(s for _, _, s in b) > 0
-    assert count_unreadable(ds_s, it_s) == count_unreadable(ds_f, it_f) == 1
-    assert ds_s.unreadable() == [os.path.join(os.path.dirname(pattern),
-                                              "train-000001.tar:000000006")]
+    assert sum(skipped for _, _, skipped in b) > 0
+    assert s.count_unreadable() == f.count_unreadable() == 1
+    assert s.unreadable() == [os.path.join(os.path.dirname(pattern), "train-000001.tar:000000006")]
     # a list of shards is the same as the pattern naming them
     listed = S.expand_shards(pattern)
-    ds_l, sampler_l, it_l = build_pretrain_loader(loader_data(shards=listed), "unused", 4, 0,
-                                                  loader="torch")
-    assert_same(a, epochs(sampler_l, it_l))
+    assert_same(a, epochs(build_pretrain_data(loader_data(shards=listed), "unused", 4, 0,
+                                              loader="torch")))
 
 
 def test_plain_tar_with_webdataset_naming(tmp_path):
@@ -260,21 +258,20 @@ def test_shards_in_loader_processes_and_dali(data):
     """Shards read in torch loader workers (forked) and in DALI's host workers (spawned,
     the source pickled) give the folder's batches, bit for bit per loader."""
     folder, pattern = data
-    ref = epochs(*build_pretrain_loader(loader_data(num_workers=2), folder, 4, 0,
-                                        loader="torch")[1:])
-    got = epochs(*build_pretrain_loader(loader_data(num_workers=2, shards=pattern), "unused",
-                                        4, 0, loader="torch")[1:])
+    ref = epochs(build_pretrain_data(loader_data(num_workers=2), folder, 4, 0, loader="torch"))
+    got = epochs(build_pretrain_data(loader_data(num_workers=2, shards=pattern), "unused", 4, 0,
+                                     loader="torch"))
     assert_same(ref, got)
     pytest.importorskip("nvidia.dali")
     from msn_ds.data.dali import DaliMultiCropLoader
     from msn_ds.data.sampler import GlobalBatchSampler
 
     def dali(**kw):
-        ds = build_pretrain_loader(loader_data(**kw), folder, 4, 0, loader="torch")[0]
+        ds = build_pretrain_data(loader_data(**kw), folder, 4, 0, loader="torch").dataset
         it = DaliMultiCropLoader(ds, GlobalBatchSampler(len(ds), 4, seed=0), num_threads=1,
                                  host_workers=1, pipelines=1)
         try:
-            return epochs(it.sampler, it), it.bad_files
+            return epochs(it), it.bad_files
         finally:
             it.close()
 
@@ -282,3 +279,23 @@ def test_shards_in_loader_processes_and_dali(data):
     assert_same(a, b)
     assert [os.path.basename(p) for p in bad_a] == ["img07.jpg"]
     assert bad_b == [os.path.join(os.path.dirname(pattern), "train-000001.tar:000000006")]
+
+
+def test_show_views_reads_the_shards_as_the_folder(data, tmp_path, capsys):
+    """scripts/show_views.py through PretrainData.preview: the same grid from the folder and
+    from its shards; a missing shard exits 2 naming it."""
+    folder, pattern = data
+    show = load_script("scripts/show_views.py")
+    common = ["--config", DEMO, "--loader", "torch", "--samples", "3", "data.rand_size=16",
+              "data.focal_size=8"]
+    root = os.path.dirname(os.path.dirname(folder))
+    sub = os.path.relpath(os.path.dirname(folder), root)
+    assert show.main(common + [f"data.root_path={root}", f"data.image_folder={sub}",
+                               "--out", str(tmp_path / "f.png")]) == 0
+    assert show.main(common + [f"data.shards={pattern}", "--out", str(tmp_path / "s.png")]) == 0
+    f, s = (np.asarray(Image.open(tmp_path / n)) for n in ("f.png", "s.png"))
+    assert f.shape == s.shape and f.shape[0] > 3 * 16 and np.array_equal(f, s)
+    capsys.readouterr()
+    missing = pattern.replace("{000000..000002}", "{000000..000009}")
+    assert show.main(common + [f"data.shards={missing}", "--out", str(tmp_path / "m.png")]) == 2
+    assert "train-000003.tar" in capsys.readouterr().err

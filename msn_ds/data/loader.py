@@ -1,4 +1,6 @@
-"""Pretraining loader factory: ``data.loader`` = ``dali`` | ``torch`` | ``auto``.
+"""The pretraining data, as the training loop sees it: :class:`PretrainData`, built by
+:func:`build_pretrain_data` from the ``data`` section (``data.loader`` = ``dali`` | ``torch``
+| ``auto``).
 
 Both loaders read the same :class:`MultiViewDataset` (an image source: the training folder,
 or ``data.shards``, tar shards; labels; seeded transform) in the same
@@ -7,6 +9,7 @@ where it pays (a CUDA GPU and DALI installed), else torch.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Optional
 
@@ -30,31 +33,6 @@ def resolve_loader(name: str) -> str:
     if name not in ("dali", "torch"):
         raise ValueError(f"data.loader must be dali, torch or auto, got {name!r}")
     return name
-
-
-def count_unreadable(dataset, loader) -> int:
-    """How many distinct unreadable files were found so far, each counted once however many
-    epochs passed over it: the DALI loader's own record, else the dataset's shared mask (the
-    torch loader's workers write it). Cheap enough for every step."""
-    bad = getattr(loader, "bad_indices", None)
-    return len(bad) if bad is not None else int(dataset.bad.sum())
-
-
-def unreadable_indices(dataset, loader) -> list[int]:
-    """The dataset indices :func:`count_unreadable` counts."""
-    bad = getattr(loader, "bad_indices", None)
-    return sorted(bad) if bad is not None else dataset.bad.nonzero().flatten().tolist()
-
-
-def count_unreadable_everywhere(dataset, loader) -> int:
-    """Distinct unreadable files found by any process: the union of their index sets (a file
-    met by two processes in different epochs counts once). Collective, at log intervals."""
-    mine = unreadable_indices(dataset, loader)
-    if not D.is_dist() or D.world_size() == 1:
-        return len(mine)
-    everyone: list = [None] * D.world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    return len(set().union(*everyone))
 
 
 PREFETCH_FACTOR = 2  # torch's default: batches each worker keeps in flight
@@ -91,13 +69,100 @@ def shm_problem(data: dict, batch_size: int, shm: str = "/dev/shm") -> Optional[
             "criterion.batch_size (data.num_workers=0 needs none)")
 
 
-def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, world_size: int = 1,
-                          rank: int = 0, device_id: Optional[int] = None,
-                          loader: Optional[str] = None):
-    """``(dataset, sampler, loader)`` from the ``data`` config section: the images of
-    ``data.shards`` when set (:class:`~.shards.ShardSource`), else of the folder ``root``.
-    ``device_id``: the GPU DALI decodes on (None: DALI on the CPU; ignored by the torch
-    loader)."""
+class PretrainData:
+    """What the training loop, the views grid and the benchmarks use of the data layer, so
+    that none of them reaches into a dataset or a loader: ``len`` (images), ``name`` (for
+    messages), ``batches_per_epoch``, ``set_epoch``, iteration (``(views, labels,
+    skipped)`` per global step's batch of this process), the unreadable samples found so far
+    (here, or by every process) and a ``preview`` of the first images' views.
+
+    ``dataset``, ``sampler`` and ``loader`` stay reachable for tests of the loaders
+    themselves."""
+
+    def __init__(self, dataset: MultiViewDataset, sampler: GlobalBatchSampler, loader,
+                 kind: str, device_id: Optional[int] = None):
+        self.dataset, self.sampler, self.loader = dataset, sampler, loader
+        self.kind, self.device_id = kind, device_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def name(self) -> str:
+        """The folder, or the shard pattern, as messages name the data."""
+        return self.dataset.root
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch=start_batch)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def unreadable_indices(self) -> list[int]:
+        """Sample indices found unreadable so far on this process, each once however many
+        epochs passed over it: DALI's host record, or the shared mask the torch loader's
+        workers write."""
+        if self.kind == "dali":
+            return sorted(self.loader.bad_indices)
+        return self.dataset.bad.nonzero().flatten().tolist()
+
+    def unreadable(self) -> list[str]:
+        """The names (path, or ``shard.tar:key``) of :meth:`unreadable_indices`."""
+        return [self.dataset.samples[i][0] for i in self.unreadable_indices()]
+
+    def count_unreadable(self) -> int:
+        """Cheap enough for every step that skipped a sample (a host-side record)."""
+        if self.kind == "dali":
+            return len(self.loader.bad_indices)
+        return int(self.dataset.bad.sum())
+
+    def count_unreadable_everywhere(self) -> int:
+        """Distinct unreadable samples found by any process: the union of their index sets (a
+        sample met by two processes in different epochs counts once). Collective, at log
+        intervals."""
+        mine = self.unreadable_indices()
+        if not D.is_dist() or D.world_size() == 1:
+            return len(mine)
+        everyone: list = [None] * D.world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        return len(set().union(*everyone))
+
+    def preview(self, num_samples: int, epoch: int = 0) -> list[torch.Tensor]:
+        """The views of the first ``num_samples`` images of ``epoch`` in the global order (it
+        does not depend on the batch size), on the CPU, through a separate small loader of
+        this kind: the training loader's position is not touched."""
+        sampler = GlobalBatchSampler(len(self.dataset), num_samples, seed=self.dataset.seed)
+        sampler.set_epoch(epoch)
+        if self.kind == "dali":
+            it = DaliMultiCropLoader(self.dataset, sampler, num_threads=1,
+                                     device_id=self.device_id, host_workers=0)
+            try:
+                views, _, _ = next(iter(it))
+            finally:
+                it.close()
+            return [v.cpu() for v in views]
+        first = itertools.islice(iter(sampler), num_samples)  # the first batch only
+        views, _, _ = collate_views([self.dataset[i] for i in first])
+        return views
+
+    def close(self) -> None:
+        """Stop DALI's host workers (torch's stop with the loader)."""
+        if self.kind == "dali":
+            self.loader.close()
+
+
+def build_pretrain_data(data: dict, root: str, batch_size: int, seed: int, world_size: int = 1,
+                        rank: int = 0, device_id: Optional[int] = None,
+                        loader: Optional[str] = None) -> PretrainData:
+    """:class:`PretrainData` from the ``data`` config section: the images of
+    ``data.shards`` when set (:class:`~.shards.ShardSource`), else of the folder ``root``;
+    ``batch_size`` images per process and step. ``device_id``: the GPU DALI decodes on
+    (None: DALI on the CPU; ignored by the torch loader). ``loader`` overrides
+    ``data.loader``."""
     transform = MultiCropTransform.from_config(data)
     if data.get("shards"):
         from .shards import ShardSource
@@ -115,11 +180,11 @@ def build_pretrain_loader(data: dict, root: str, batch_size: int, seed: int, wor
         log.info("data: DALI loader (%s, %d threads in %d pipelines, %d host workers)",
                  "CPU" if device_id is None else f"GPU {device_id}", it.num_threads,
                  it.pipelines, it.host_workers)
-        return dataset, sampler, it
+        return PretrainData(dataset, sampler, it, kind, device_id)
     it = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=data["num_workers"],
         pin_memory=data["pin_mem"] and torch.cuda.is_available(), collate_fn=collate_views,
         drop_last=True, persistent_workers=data["num_workers"] > 0,
         worker_init_fn=D.shield_worker)
     log.info("data: torch loader (%d workers)", data["num_workers"])
-    return dataset, sampler, it
+    return PretrainData(dataset, sampler, it, kind, device_id)

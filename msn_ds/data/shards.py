@@ -25,10 +25,13 @@ not a regular file, a file that is not an uncompressed tar or ends inside a memb
 without an image, a label that is not an integer. An image that does not decode (truncated,
 corrupt) is a bad sample like a bad file in a folder: skipped, counted, named
 ``shard.tar:key``.
+
+:func:`write_shards` writes any source (a folder: ``scripts/make_shards.py``) as such shards.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -36,10 +39,13 @@ import re
 import stat
 import tarfile
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from ..io.atomic import atomic_write
+from .probe import decode_rgb
 from .source import ImageSource, new_bad_mask
 
 log = logging.getLogger(__name__)
@@ -335,29 +341,101 @@ class ShardSource(ImageSource):
                     pass
 
 
-def write_shards(source: ImageSource, out_dir: str, shard_size: int,
-                 prefix: str = "train") -> str:
-    """Write ``source``'s samples in index order as WebDataset shards with Python's
-    ``tarfile``: ``<out_dir>/<prefix>-000000.tar``, ..., ``shard_size`` samples each, sample
-    ``i`` as ``%09d.<ext>`` (the extension of its key, lower case) plus ``.cls``. Returns
-    the brace pattern naming them. Read back, the shards give ``source``'s batches."""
-    import io
+KEY_DIGITS = 9  # sample keys the writer gives: the sample's index in the source
+SHARD_DIGITS = 6  # at least; more when the shard count needs them
 
+
+@dataclass
+class Written:
+    """What :func:`write_shards` wrote: the ``data.shards`` pattern, the shard paths, the
+    bytes, and the samples converted to PNG or stored unreadable (keys of the source)."""
+    pattern: str
+    paths: list
+    samples: int
+    bytes: int = 0
+    converted: list = field(default_factory=list)
+    unreadable: list = field(default_factory=list)
+
+
+def shard_names(out_dir: str, prefix: str, count: int) -> tuple[list[str], str]:
+    """The ``count`` shard paths and the brace pattern naming them (at least 6 digits, more
+    when ``count`` needs them, all of one width so that the pattern expands to them)."""
+    width = max(SHARD_DIGITS, len(str(count - 1)))
+    paths = [os.path.join(out_dir, f"{prefix}-{s:0{width}d}.tar") for s in range(count)]
+    first, last = f"{0:0{width}d}", f"{count - 1:0{width}d}"
+    return paths, os.path.join(out_dir, f"{prefix}-{{{first}..{last}}}.tar")
+
+
+def _sample_bytes(source: ImageSource, i: int, written: Written) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of sample ``i`` as :func:`write_shards` stores it."""
+    ext = source.key(i).rsplit(".", 1)[-1].lower()
+    try:
+        data = source.read(i)
+    except OSError:
+        written.unreadable.append(source.key(i))
+        return (ext if ext in IMAGE_EXTENSIONS else "png"), b""
+    if ext in IMAGE_EXTENSIONS:
+        return ext, data
+    try:
+        buf = io.BytesIO()
+        decode_rgb(data).save(buf, "PNG")
+    except Exception:  # undecodable: stays so in the shard (skipped and counted alike)
+        written.unreadable.append(source.key(i))
+        return "png", data
+    written.converted.append(source.key(i))
+    return "png", buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # mtime 0, mode 0644, no owner: the same folder, the same bytes
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_shards(source: ImageSource, out_dir: str, shard_size: int, prefix: str = "train",
+                 labels: bool = True, on_image: Callable[[], None] = lambda: None,
+                 on_shard: Callable[[int, int], None] = lambda s, done: None) -> Written:
+    """Write ``source``'s samples in index order as standard WebDataset shards with Python's
+    ``tarfile`` (``<out_dir>/<prefix>-000000.tar``, ..., ``shard_size`` samples each, the
+    last the rest): sample ``i`` is ``<i, 9 digits>.<ext>``, its bytes verbatim (``ext`` its
+    key's, lower case), plus ``.cls`` (its label) when ``labels``. Read back, the shards give
+    ``source``'s batches bit for bit.
+
+    A sample in a format that is not a WebDataset image type is decoded to RGB as both
+    loaders do and stored as PNG (lossless for what the loaders see); one that cannot be read
+    or decoded is stored as it is (unreadable: empty), so the loaders skip and count it as in
+    the source. Each shard is written atomically (``out_dir`` must exist); raises
+    ``OSError`` / :class:`~msn_ds.io.atomic.SaveError` when one cannot be (it is left out
+    whole). ``on_image()`` / ``on_shard(s, samples done)``: progress."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
-    os.makedirs(out_dir, exist_ok=True)
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
     n = len(source)
-    count = (n + shard_size - 1) // shard_size
-    for s in range(count):
-        with tarfile.open(os.path.join(out_dir, f"{prefix}-{s:06d}.tar"), "w") as tf:
-            for i in range(s * shard_size, min(n, (s + 1) * shard_size)):
-                ext = source.key(i).rsplit(".", 1)[-1].lower()
-                if ext not in IMAGE_EXTENSIONS:
-                    raise ValueError(f"{source.key(i)}: WebDataset shards hold "
-                                     f"{', '.join(IMAGE_EXTENSIONS)} images only")
-                for name, data in ((f"{i:09d}.{ext}", source.read(i)),
-                                   (f"{i:09d}.cls", str(source.label(i)).encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-    return os.path.join(out_dir, f"{prefix}-{{{0:06d}..{count - 1:06d}}}.tar")
+    count = -(-n // shard_size)
+    paths, pattern = shard_names(out_dir, prefix, count)
+    written = Written(pattern, paths, n)
+    for s, path in enumerate(paths):
+        stop = min(n, (s + 1) * shard_size)
+
+        def fill(tmp, start=s * shard_size, stop=stop):
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+                for i in range(start, stop):
+                    ext, data = _sample_bytes(source, i, written)
+                    _add(tf, f"{i:0{KEY_DIGITS}d}.{ext}", data)
+                    if labels:
+                        _add(tf, f"{i:0{KEY_DIGITS}d}.cls", str(source.label(i)).encode())
+                    on_image()
+
+        atomic_write(path, fill, what="the shard")
+        written.bytes += os.path.getsize(path)
+        on_shard(s, stop)
+    return written
+
+
+def verify(source: ImageSource, written: Written) -> None:
+    """Read the shards back (building and caching each one's offset index): the same count
+    and labels as ``source``; raises ``RuntimeError`` otherwise (a bug, not bad input)."""
+    back = ShardSource(written.pattern)
+    if len(back) != len(source) or any(back.label(i) != source.label(i)
+                                       for i in range(len(source))):
+        raise RuntimeError(f"{written.pattern}: read back {len(back)} samples, not the "
+                           f"{len(source)} of {source.name} with their labels")

@@ -5,37 +5,17 @@ check the augmentation by eye (TensorBoard ``data/views`` at run start, or
 One row per image: target, random anchor(s), focal anchors, de-normalised. The patches the
 first training step drops from the random anchor views are greyed out: the mask is drawn
 by :mod:`msn_ds.masking` from the same numbers as the trainer's, so it is the mask of that
-step, not a look-alike. The images are the first of epoch 0 in the global order (the
-sampler's order does not depend on the batch size), taken through a separate small loader
-of the configured kind, so the training loader is not touched.
+step, not a look-alike. The images are the first of epoch 0 in the global order, as the
+data's ``preview`` gives them (the training loader is not touched).
 """
 from __future__ import annotations
 
-import itertools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from ..data.dataset import collate_views
-from ..data.sampler import GlobalBatchSampler
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..masking import keep_indices, mask_generator
-
-
-def preview_batch(dataset, kind: str, num_samples: int, device_id: Optional[int] = None,
-                  epoch: int = 0):
-    """The first ``num_samples`` images of ``epoch`` with their views, from loader ``kind``."""
-    sampler = GlobalBatchSampler(len(dataset), num_samples, seed=dataset.seed)
-    sampler.set_epoch(epoch)
-    if kind == "dali":
-        from ..data.dali import DaliMultiCropLoader
-
-        views, _, _ = next(iter(DaliMultiCropLoader(dataset, sampler, num_threads=1,
-                                                    device_id=device_id, host_workers=0)))
-        return [v.cpu() for v in views]
-    items = itertools.islice(iter(sampler), num_samples)  # the first batch only
-    views, _, _ = collate_views([dataset[item] for item in items])
-    return views
 
 
 def anchor_masks(views: Sequence[torch.Tensor], num_rand: int, patch_size: int, mask_ratio: float,
@@ -82,12 +62,12 @@ def views_grid(views: Sequence[torch.Tensor], num_rand: int, masks: Sequence[tor
     return (grid * 255).round().to(torch.uint8)
 
 
-def grid_for_config(cfg: dict, dataset, kind: str, num_samples: int = 4,
-                    device_id: Optional[int] = None) -> torch.Tensor:
-    """The grid for a resolved config: its views, its patch size, its mask at step 0."""
+def grid_for_config(cfg: dict, data, num_samples: int = 4) -> torch.Tensor:
+    """The grid for a resolved config: the views of ``data`` (a
+    :class:`~msn_ds.data.loader.PretrainData`), its patch size, its mask at step 0."""
     from ..models import resolve_arch
 
-    views = preview_batch(dataset, kind, num_samples, device_id)
+    views = data.preview(num_samples)
     num_rand = 1 + cfg["data"]["rand_views"]
     patch = resolve_arch(cfg["meta"]["model_name"]).patch_size
     masks = anchor_masks(views, num_rand, patch, cfg["data"]["patch_drop"],
@@ -96,20 +76,16 @@ def grid_for_config(cfg: dict, dataset, kind: str, num_samples: int = 4,
     return views_grid(views, num_rand, masks, patch)
 
 
-def log_views(cfg: dict, dataset, loader, num_samples: int = 4) -> None:
+def log_views(cfg: dict, data, num_samples: int = 4) -> None:
     """Write the grid to TensorBoard (``<logging.folder>/tb``, tag ``data/views``); a failure
     here is logged, never fatal to the run."""
     import logging
     import os
 
-    from ..data.dali import DaliMultiCropLoader
-
-    kind = "dali" if isinstance(loader, DaliMultiCropLoader) else "torch"
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        grid = grid_for_config(cfg, dataset, kind, num_samples,
-                               getattr(loader, "device_id", None))
+        grid = grid_for_config(cfg, data, num_samples)
         writer = SummaryWriter(os.path.join(cfg["logging"]["folder"], "tb"))
         writer.add_image("data/views", grid, 0)
         writer.close()
