@@ -27,8 +27,9 @@ whole batch's (ZeRO-2 and ZeRO-3 reduce-scatter during each backward, as under D
 own accumulation). Under ZeRO-3 two things differ: phase 3's first backward restarts
 ZeRO-3's accumulation window (:func:`first_backbone_backward`), and phase 1 gathers the
 target backbone's own parameters around its passes (:func:`whole_backbone_params`).
-``A = 1`` never comes here: :meth:`.trainer.MSNTrainer.step` is unchanged. With ``A > 1``,
-fp16, ZeRO-Offload and ``meta.compile`` are refused before any work
+``A = 1`` never comes here: :meth:`.trainer.MSNTrainer.step` is unchanged. Under fp16 the
+cached gradient is unscaled before phase 3 (:func:`loss_scale`). With ``A > 1``, ZeRO-Offload
+and ``meta.compile`` are refused before any work
 (:func:`.deepspeed_config.refuse_accumulation`).
 
 A cost left to DeepSpeed under ZeRO-3: its parameter coordinator records the order in which
@@ -121,6 +122,18 @@ def first_backbone_backward(engine) -> None:
     opt.micro_step_id = 0
 
 
+def loss_scale(engine) -> float:
+    """The factor ``engine.backward`` multiplies a loss by: fp16's current loss scale (a
+    host number DeepSpeed keeps, no device read), else 1. Phase 2's backward leaves the
+    cached gradient scaled by it; phase 3's backwards scale their surrogates again, so the
+    cached gradient is divided by it first, and the backbone's gradients carry the scale
+    once, as the heads' do (DeepSpeed unscales, checks for overflow and skips alike)."""
+    if not engine.fp16_enabled():
+        return 1.0
+    scale = engine.optimizer.loss_scale
+    return 1.0 if scale is None else float(scale)
+
+
 def split(views: list[torch.Tensor], parts: int) -> tuple[list[list[torch.Tensor]], int]:
     """The per-process batch as ``parts`` micro-batches of every view, and their size."""
     batch = views[0].shape[0]
@@ -193,7 +206,9 @@ def accumulated_step(tr, views: list[torch.Tensor], step: int, log: bool,
     def backward() -> None:
         engine.set_gradient_accumulation_boundary(False)
         engine.backward(loss, scale_wrt_gas=False)
-        grads = [unjoin(leaf.grad, parts, size) for leaf in leaves]
+        # fp16: the backward scaled the loss; the surrogates' backwards scale it once more
+        unscale = 1.0 / loss_scale(engine)
+        grads = [unjoin(leaf.grad.float() * unscale, parts, size) for leaf in leaves]
         # phase 3: per micro-batch, the backbone again and the cached gradient through it
         for k in range(parts):
             if replay:
@@ -202,7 +217,7 @@ def accumulated_step(tr, views: list[torch.Tensor], step: int, log: bool,
             feats = anchor_features(k)
             if k == 0:
                 first_backbone_backward(engine)
-            surrogate = sum((h.float() * g[k].float()).sum() for h, g in zip(feats, grads))
+            surrogate = sum((h.float() * g[k]).sum() for h, g in zip(feats, grads))
             engine.backward(surrogate, scale_wrt_gas=False)
         if replay:
             set_rng_state(after, tr.device)

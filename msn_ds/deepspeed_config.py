@@ -74,6 +74,15 @@ def resolve_ds_config(ds: dict, cfg: dict, world_size: int, source: str = "<ds_c
         raise ConfigError(f"{source}: meta.compile={cfg['meta']['compile']!r} with ZeRO-3: "
                           "its parameter-gathering hooks break the compiled graphs; use "
                           "ZeRO-1/2 or meta.compile=''")
+    if zero_stage(ds) == 0 and _enabled(ds, "fp16"):
+        # engine.backward scales the loss only for ZeRO optimizers, while ZeRO-0's
+        # FP16_Optimizer.step() divides every gradient by the loss scale all the same: updates
+        # 2^16 times too small, a run that silently does not train (DeepSpeed 0.19,
+        # deepspeedai/DeepSpeed#8393)
+        raise ConfigError(f"{source}: fp16 with ZeRO stage 0: DeepSpeed never scales the loss "
+                          "there but unscales the gradients, so the updates are thousands of "
+                          "times too small (deepspeedai/DeepSpeed#8393); use ZeRO-1 (the same "
+                          "memory on one GPU), or bf16")
     if ds.get("fp16", {}).get("enabled") and D.accelerator_name() != "cuda":
         raise ConfigError(f"{source}: fp16 needs a GPU (DeepSpeed's CPU accelerator rejects it);"
                           " use a bf16 or fp32 config")
@@ -129,9 +138,7 @@ def refuse_accumulation(ds: dict, cfg: dict, accum: int, source: str) -> None:
     """What the gradient cache does not cover yet, refused before any work."""
     why = None
     zero = ds.get("zero_optimization", {})
-    if _enabled(ds, "fp16"):
-        why = "fp16 (the cached gradient would be loss-scaled twice); use bf16"
-    elif any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
+    if any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
              for k in ("offload_optimizer", "offload_param")):
         why = "ZeRO-Offload; use ZeRO-1/2 on the device"
     elif cfg["meta"]["compile"]:

@@ -3,13 +3,15 @@
     python tests/dist_accumulation.py OUT.pt CASE [CASE ...]
     torchrun --nproc_per_node 2 tests/dist_accumulation.py OUT.pt CASE [CASE ...]
 
-``CASE``: ``b{B}_a{A}_zero{S}_{fp32|bf16}[_dp][_psm]`` trains ``STEPS`` steps of the CPU demo
+``CASE``: ``b{B}_a{A}_zero{S}_{fp32|bf16|fp16}[_dp][_psm]`` trains ``STEPS`` steps of the CPU demo
 model at ``criterion.batch_size=B`` and ``gradient_accumulation_steps=A`` on synthetic views
 (``_dp``: drop path 0.1, ``_psm``: per-sample masks, ``_ac``: activation checkpointing). Step ``s`` sees the global batch of
 ``GLOBAL`` images drawn from seed ``s``; process ``r`` takes its ``r``-th slice, as the
 sampler does. Rank 0 saves, per case: the anchor encoder + prototypes and the target
-encoder as flat fp32 vectors, the losses, the anchor's first vector (``init``), and ``replay``: the largest difference between a
-micro-batch's backbone outputs in the first pass and in the second (0.0: replayed exactly).
+encoder as flat fp32 vectors, the losses, the anchor's first vector (``init``), ``scales``:
+fp16's loss scale after each step (1.0 otherwise), and ``replay``: the largest difference
+between a micro-batch's backbone outputs in the first pass and in the second (0.0: replayed
+exactly).
 
 ``resume_b{B}_a{A}_zero{S}_{dtype}``: the same case trained ``STEPS - 1`` steps, saved,
 rebuilt from the checkpoint and trained one more step (the vectors, as above). A suffix
@@ -53,11 +55,28 @@ def make(case: str, resume_from=None):
                        f"criterion.per_sample_mask={psm}",
                        f"meta.activation_checkpointing={int(checkpointing)}"], check_paths=False)
     ds = resolve_ds_config(ds, cfg, D.world_size())
+    if dtype == "fp16":
+        allow_fp16_on_the_cpu()
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 10}
     built = build(cfg, ds, steps_per_epoch=100, resume_from=resume_from)
     step = 0
     if built.plan is not None:
         step = built.trainer.resume(built.plan)
     return cfg, built, step
+
+
+def allow_fp16_on_the_cpu() -> None:
+    """DeepSpeed's CPU accelerator says it has no fp16 (and resolve_ds_config refuses fp16
+    there, so fp16 is put in after it), but torch computes in fp16 on the CPU, and
+    DeepSpeed's ZeRO optimizers and dynamic loss scaler are the GPU's: the fp16 cases test
+    their real scaling, unscaling and overflow checks, only their speed is not the GPU's."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+
+
+def loss_scale(trainer):
+    return float(trainer.engine.optimizer.loss_scale) if trainer.engine.fp16_enabled() else 1.0
 
 
 def views_for(cfg, step: int) -> list[torch.Tensor]:
@@ -119,7 +138,7 @@ def train(case: str) -> dict:
     losses = []
     seen = spy_replay(built.trainer)
     last = STEPS - 1 if resume else STEPS
-    nan, snaps, skipped = parse(case)[-1], [], []
+    nan, snaps, skipped, scales = parse(case)[-1], [], [], []
     while step < last:
         views = views_for(cfg, step)
         if nan and step == 1:  # one image's target view: a non-finite loss everywhere
@@ -127,6 +146,7 @@ def train(case: str) -> dict:
         out = built.trainer.step(views, step)
         losses.append(float(out.loss))
         skipped.append(float(out.skipped))
+        scales.append(loss_scale(built.trainer))
         snaps.append(everything(built.trainer))
         step += 1
     if nan:  # the skipped step changed nothing: weights, target, BatchNorm statistics
@@ -148,7 +168,7 @@ def train(case: str) -> dict:
         cfg, built, step = make(case, resume_from=path)
         out = built.trainer.step(views_for(cfg, step), step)
         losses.append(float(out.loss))
-    return result(built, losses, replay, init)
+    return dict(result(built, losses, replay, init), scales=scales)
 
 
 def main():

@@ -50,7 +50,6 @@ def test_gradient_accumulation_steps_read_as_deepspeed_reads_it():
 
 
 @pytest.mark.parametrize("ds, cfg_extra, why", [
-    ({"fp16": {"enabled": True}}, [], "fp16"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, [],
      "ZeRO-Offload"),
     ({}, ["meta.compile=inductor"], "meta.compile"),
@@ -137,12 +136,14 @@ def rel(a, b, key):
 @pytest.mark.slow
 def test_accumulated_steps_train_the_large_batchs_weights(tmp_path):
     """3 steps: batch 4 x A=4 (1 process) and batch 4 x A=2 (2 processes, ZeRO-2 and ZeRO-3)
-    against batch 16 without accumulation; bf16 (with activation checkpointing) against bf16. Drop path and per-sample masks replay
+    against batch 16 without accumulation; bf16 (with activation checkpointing) against bf16,
+    fp16 (ZeRO-1, the loss scaler's) against fp16. Drop path and per-sample masks replay
     bit for bit between the passes, a resume between accumulated steps is bit-identical,
     and a non-finite step leaves everything as it was."""
     one = run_cases(tmp_path / "one.pt", "b16_a1_zero0_fp32", "b4_a4_zero0_fp32",
                     "b16_a1_zero2_bf16", "b4_a4_zero2_bf16_ac", "b8_a2_zero1_bf16_dp_psm",
-                    "resume_b8_a2_zero1_bf16_dp_psm", "b8_a2_zero1_bf16_nan")
+                    "resume_b8_a2_zero1_bf16_dp_psm", "b8_a2_zero1_bf16_nan",
+                    "b16_a1_zero1_fp16", "b4_a4_zero1_fp16")
     ref = one["b16_a1_zero0_fp32"]
     # measured on the CPU: anchor 2.5e-5, target 1.9e-6
     assert rel(ref, one["b4_a4_zero0_fp32"], "anchor") <= 2e-4
@@ -160,6 +161,14 @@ def test_accumulated_steps_train_the_large_batchs_weights(tmp_path):
     assert straight["losses"] == resumed["losses"]
     nan = one["b8_a2_zero1_bf16_nan"]
     assert nan["skipped"] == [0.0, 1.0, 0.0] and nan["unchanged"] and nan["changed_after"]
+    # fp16 (DeepSpeed's loss scaler, 2^10): the cached gradient unscaled before the second
+    # pass; measured anchor 2.6e-4, target 3.5e-5 against fp16 without accumulation, no
+    # overflow. Scaled twice, steps 1 and 2 overflowed and were skipped (scale 1024, 512,
+    # 256; anchor 8.6e-3)
+    f16 = one["b16_a1_zero1_fp16"]
+    assert one["b4_a4_zero1_fp16"]["scales"] == f16["scales"] == [1024.0] * 3
+    assert rel(f16, one["b4_a4_zero1_fp16"], "anchor") <= 1e-3
+    assert rel(f16, one["b4_a4_zero1_fp16"], "target") <= 1e-3
 
     two = run_cases(tmp_path / "two.pt", "b4_a2_zero2_fp32", "b4_a2_zero3_fp32", nproc=2)
     # measured on the CPU: anchor 4.6e-5, target 4.8e-6 at ZeRO-2 and ZeRO-3 alike (the

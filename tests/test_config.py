@@ -77,9 +77,13 @@ def test_ds_config_single_source_of_truth():
         resolve_ds_config({"train_micro_batch_size_per_gpu": 16}, cfg, 4, "x.json")
     with pytest.raises(ConfigError, match=r"gradient_clipping=1.0 contradicts optimization\.clip_grad=3"):
         resolve_ds_config({"gradient_clipping": 1.0}, cfg, 4, "x.json")
+    # ZeRO-0 never scales an fp16 loss but unscales its gradients (deepspeedai/DeepSpeed#8393)
+    with pytest.raises(ConfigError, match=r"x\.json: fp16 with ZeRO stage 0: .*#8393.*ZeRO-1"):
+        resolve_ds_config({"fp16": {"enabled": True}}, cfg, 4, "x.json")
     if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator has no fp16
         with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-            resolve_ds_config({"fp16": {"enabled": True}}, cfg, 4, "x.json")
+            resolve_ds_config({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}},
+                              cfg, 4, "x.json")
     # gradient accumulation is exact (msn_ds/accumulate.py): global batch 8 x 4 x 2
     ds = resolve_ds_config({"gradient_accumulation_steps": 2}, cfg, 4, "x.json")
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
