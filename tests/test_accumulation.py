@@ -1,9 +1,9 @@
 """Exact gradient accumulation (msn_ds/accumulate.py, the gradient cache): the DeepSpeed
 JSON's ``gradient_accumulation_steps`` read as DeepSpeed reads it, refused where it is not
 supported; the encoder's two halves compute its forward; ``A`` micro-batches train the weights
-one large batch trains (1 and 2 processes, fp32 and bf16); masks and drop path replay; the
+one large batch trains (1 and 2 processes, fp32, bf16 and fp16); masks and drop path replay; the
 non-finite skip; no host read per micro-batch; resume bit-identical, in-process and
-through train.py."""
+through train.py (both loaders, with the online k-NN monitor)."""
 import json
 import os
 
@@ -13,6 +13,7 @@ import torch
 from helpers import ROOT, run_cli
 from msn_ds.accumulate import join, micro_generator, split, unjoin
 from msn_ds.config import ConfigError, load_config
+from msn_ds.data.dali import dali_available
 from msn_ds.deepspeed_config import resolve_ds_config
 from msn_ds.io.checkpoint import check_compatible
 from msn_ds.io.safe_load import CheckpointError
@@ -207,7 +208,7 @@ def test_no_host_read_per_micro_batch(tmp_path):
 def test_train_py_accumulates_and_resumes_bit_identically(demo_root, tmp_path):
     """train.py with gradient_accumulation_steps 2: the loader yields each process's whole
     step, the log counts its images; a resume from step 2 ends with the weights of the
-    straight run."""
+    straight run. Also with the DALI loader and the online k-NN monitor."""
     from safetensors.torch import load_file
 
     ds = tmp_path / "accum.json"
@@ -227,3 +228,14 @@ def test_train_py_accumulates_and_resumes_bit_identically(demo_root, tmp_path):
     a = load_file(straight / "demo-target.safetensors")
     b = load_file(resumed / "demo-target.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the DALI loader (CPU) with the k-NN monitor: each step's whole batch, evaluations
+    # between accumulated steps
+    if not dali_available():
+        return
+    knn = tmp_path / "dali_knn"
+    r = run_cli(*args(knn, "data.loader=dali", "data.num_workers=1", "eval.knn_every_steps=2",
+                      "eval.knn_train_per_class=5"))
+    assert "DALI loader" in r.stderr and "global batch 8 on 1 processes" in r.stderr
+    rows = [json.loads(line) for line in (knn / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "knn_top1" in row] == [2, 4]
+    assert (knn / "demo-target.safetensors").exists()
