@@ -31,7 +31,8 @@ setup(
         # cyanure: the reference's solver, for the solver-equivalence test
         # transformers: tests/test_hf.py (export/import round trips, no download)
         # pytest-xdist: make test-fast runs its in-process tests on 2 workers
+        # webdataset: shards written by its ShardWriter read as ours (tests/test_shards.py)
         "test": ["pytest>=7", "pytest-xdist>=3", "mlxtend>=0.23", "nvidia-dali-cuda130",
-                 "cyanure", "transformers>=4.45"],
+                 "cyanure", "transformers>=4.45", "webdataset>=0.2"],
     },
 )

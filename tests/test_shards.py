@@ -4,6 +4,8 @@ counted by shard and key, bad shards and patterns refused before any work."""
 import io
 import json
 import os
+import shutil
+import subprocess
 import tarfile
 
 import numpy as np
@@ -15,6 +17,7 @@ from helpers import ROOT, load_script, write_shards
 from msn_ds.config import ConfigError, defaults, load_config
 from msn_ds.data import shards as S
 from msn_ds.data.loader import build_pretrain_data
+from msn_ds.data.source import FolderSource
 
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
 
@@ -299,3 +302,40 @@ def test_show_views_reads_the_shards_as_the_folder(data, tmp_path, capsys):
     missing = pattern.replace("{000000..000002}", "{000000..000009}")
     assert show.main(common + [f"data.shards={missing}", "--out", str(tmp_path / "m.png")]) == 2
     assert "train-000003.tar" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("writer", ["webdataset", "gnu tar"])
+def test_shards_from_other_writers_give_the_folders_batches(data, tmp_path, writer):
+    """Shards written from the folder, in its order, by the ``webdataset`` library's
+    ShardWriter or by the ``tar`` command: the folder's batches, bit for bit."""
+    folder, _ = data
+    src = FolderSource(folder)
+    out = tmp_path / "w"
+    out.mkdir()
+    samples = [(f"{i:06d}", src.key(i).rsplit(".", 1)[-1].lower(), src.read(i), src.label(i))
+               for i in range(len(src))]
+    if writer == "webdataset":
+        wds = pytest.importorskip("webdataset")
+        with wds.ShardWriter(str(out / "part-%06d.tar"), maxcount=4, verbose=0) as sink:
+            for key, ext, data_, label in samples:
+                sink.write({"__key__": key, ext: data_, "cls": label})
+    else:
+        tar = shutil.which("tar")
+        if tar is None:
+            pytest.skip("no tar command")
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        for s in range(0, len(samples), 4):
+            names = []
+            for key, ext, data_, label in samples[s:s + 4]:
+                (stage / f"{key}.{ext}").write_bytes(data_)
+                (stage / f"{key}.cls").write_text(str(label))
+                names += [f"{key}.cls", f"{key}.{ext}"]
+            subprocess.run([tar, "-cf", str(out / f"part-{s // 4:06d}.tar"), "-C", str(stage),
+                            *names], check=True)
+    pattern = str(out / "part-{000000..000002}.tar")
+    f = build_pretrain_data(loader_data(), folder, 4, 0, loader="torch")
+    s = build_pretrain_data(loader_data(shards=pattern), "unused", 4, 0, loader="torch")
+    assert [y for _, y in s.dataset.samples] == [y for _, y in f.dataset.samples]
+    assert_same(epochs(f), epochs(s))
+    assert s.count_unreadable() == f.count_unreadable() == 1
